@@ -1,0 +1,25 @@
+"""vl-joint-encoder: the VL-T5 / VL-Adapter joint encoder as a Hugging Face transformers model and dense retriever.
+
+Importing the package registers `JointEncoderConfig` / `JointEncoderModel` with `AutoConfig` / `AutoModel`, and marks
+them for export as remote code (so `save_pretrained` writes `auto_map` and copies the two files next to the weights).
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_joint_encoder import JointEncoderConfig
+from .modeling_joint_encoder import JointEncoderModel, JointEncoderOutput, JointEncoderPreTrainedModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register(JointEncoderConfig.model_type, JointEncoderConfig, exist_ok=True)
+AutoModel.register(JointEncoderConfig, JointEncoderModel, exist_ok=True)
+JointEncoderConfig.register_for_auto_class()
+JointEncoderModel.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "JointEncoderConfig",
+    "JointEncoderModel",
+    "JointEncoderOutput",
+    "JointEncoderPreTrainedModel",
+    "__version__",
+]

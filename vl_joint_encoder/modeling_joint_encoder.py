@@ -1,0 +1,720 @@
+"""PyTorch VL-T5 joint encoder used as a dense retriever.
+
+The encoder computes exactly what the encoder of VL-T5 (Cho et al., 2021, https://arxiv.org/abs/2102.02779,
+j-min/VL-T5 `src/modeling_t5.py`) and VL-Adapter (Sung et al., 2022, https://arxiv.org/abs/2112.06825) compute:
+text tokens and visual tokens (region or CLIP grid features + boxes) concatenated, text first, through T5 blocks with
+T5's relative position bias on text x text pairs only. On top of it sits a retrieval head (pooling, optional
+projection, optional L2 normalisation) and the similarity the model is trained and searched with.
+
+This file imports only its configuration file so that `save_pretrained` can export it as remote code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ModelOutput
+from transformers.utils import logging
+
+from .configuration_joint_encoder import JointEncoderConfig
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class JointEncoderOutput(ModelOutput):
+    """
+    Output of [`JointEncoderModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, text_length + visual_length, d_model)`):
+            Encoder output in the VL-T5 order: text tokens first, then visual tokens.
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, embedding_dim)`):
+            The retrieval embedding: pooled, projected (if `projection_dim`) and L2-normalised (if `normalize`).
+        attention_mask (`torch.LongTensor` of shape `(batch_size, text_length + visual_length)`):
+            The joint mask used for attention and pooling (1 = real token).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): embedding output, then the output of each block
+            (the last one after the final norm), when `output_hidden_states=True`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*): attention probabilities of each block, when
+            `output_attentions=True`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    attention_mask: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class JointEncoderLayerNorm(nn.Module):
+    """T5's RMS norm: `weight * x / sqrt(mean(x^2) + eps)`, variance in fp32, no bias, no mean subtraction."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            hidden_states = hidden_states.to(self.weight.dtype)
+        return self.weight * hidden_states
+
+
+class JointEncoderAdapter(nn.Module):
+    """Bottleneck adapter of VL-Adapter (Houlsby et al., 2019): `up(act(down(z))) + z`."""
+
+    def __init__(self, config: JointEncoderConfig):
+        super().__init__()
+        bottleneck = config.d_model // config.adapter_reduction_factor
+        self.down_sampler = nn.Linear(config.d_model, bottleneck)
+        self.activation = ACT2FN[config.adapter_act]
+        self.up_sampler = nn.Linear(bottleneck, config.d_model)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.up_sampler(self.activation(self.down_sampler(hidden_states))) + hidden_states
+
+
+class JointEncoderVisualEmbedding(nn.Module):
+    """
+    VL-T5's visual embedding of one token per region / grid cell:
+    `((RMSNorm(Linear(feats)) + RMSNorm(Linear([boxes, area]))) + img_order_emb) + token_emb(vocab - 1 - obj_order)`.
+
+    The object-order embedding is the token embedding itself (rows of `<vis_extra_id_k>`), so it is passed in at call
+    time instead of being registered twice.
+    """
+
+    def __init__(self, config: JointEncoderConfig):
+        super().__init__()
+        self.config = config
+        individual_norm = config.use_vis_layer_norm and config.individual_vis_layer_norm
+        feat_layers = [nn.Linear(config.feat_dim, config.d_model)]
+        pos_layers = [nn.Linear(config.pos_dim + 1, config.d_model)]
+        if individual_norm:
+            feat_layers.append(JointEncoderLayerNorm(config.d_model, eps=config.layer_norm_epsilon))
+            pos_layers.append(JointEncoderLayerNorm(config.d_model, eps=config.layer_norm_epsilon))
+        self.feat_embedding = nn.Sequential(*feat_layers)
+        self.absolute_vis_pos_embedding = nn.Sequential(*pos_layers)
+        if config.use_vis_order_embedding:
+            self.img_order_embedding = nn.Embedding(config.n_images, config.d_model)
+        if config.use_vis_layer_norm and not config.individual_vis_layer_norm:
+            self.layer_norm = JointEncoderLayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+
+    def box_area(self, boxes: torch.Tensor) -> torch.Tensor:
+        if self.config.box_area == "vl_t5":
+            # VL-T5 computes (b[3] - b[2]) * (b[1] - b[0]) on (x1, y1, x2, y2) boxes, i.e. (y2 - x2) * (y1 - x1).
+            # Released checkpoints were trained with this value, so parity needs it.
+            return (boxes[..., 3] - boxes[..., 2]) * (boxes[..., 1] - boxes[..., 0])
+        return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+    def forward(
+        self,
+        visual_feats: torch.Tensor,  # (B, V, feat_dim)
+        visual_pos: torch.Tensor,  # (B, V, 4)
+        image_order_ids: torch.Tensor | None,  # (B, V)
+        object_order_ids: torch.Tensor | None,  # (B, V)
+        token_embedding: nn.Embedding,
+    ) -> torch.Tensor:
+        batch_size, num_tokens = visual_feats.shape[:2]
+        feat = self.feat_embedding(visual_feats)  # (B, V, d_model)
+        area = self.box_area(visual_pos).unsqueeze(-1)  # (B, V, 1)
+        pos = self.absolute_vis_pos_embedding(torch.cat([visual_pos, area], dim=-1).to(feat.dtype))  # (B, V, d)
+        embedding = feat + pos
+        if self.config.use_vis_order_embedding:
+            device = visual_feats.device
+            if image_order_ids is None:
+                image_order_ids = torch.zeros(batch_size, num_tokens, dtype=torch.long, device=device)
+            if object_order_ids is None:
+                object_order_ids = torch.arange(num_tokens, dtype=torch.long, device=device).expand(batch_size, -1)
+            embedding = embedding + self.img_order_embedding(image_order_ids)
+            # <vis_extra_id_k> is token vocab_size - 1 - k (VL-T5 tokenizer layout)
+            embedding = embedding + token_embedding(self.config.vocab_size - 1 - object_order_ids)
+        if hasattr(self, "layer_norm"):
+            embedding = self.layer_norm(embedding)
+        return embedding
+
+
+class JointEncoderAttention(nn.Module):
+    """T5 self-attention: no 1/sqrt(d) scaling; position bias and mask are one additive float tensor."""
+
+    def __init__(self, config: JointEncoderConfig, has_relative_attention_bias: bool = False):
+        super().__init__()
+        self.config = config
+        self.has_relative_attention_bias = has_relative_attention_bias
+        self.n_heads = config.num_heads
+        self.d_kv = config.d_kv
+        self.inner_dim = config.num_heads * config.d_kv
+        self.dropout = config.dropout_rate
+        self.q = nn.Linear(config.d_model, self.inner_dim, bias=False)
+        self.k = nn.Linear(config.d_model, self.inner_dim, bias=False)
+        self.v = nn.Linear(config.d_model, self.inner_dim, bias=False)
+        self.o = nn.Linear(self.inner_dim, config.d_model, bias=False)
+        if has_relative_attention_bias:
+            self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+
+    @staticmethod
+    def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+        """Bidirectional T5 buckets (Raffel et al., 2020; mesh-tensorflow `_relative_position_bucket`)."""
+        num_buckets //= 2
+        buckets = (relative_position > 0).to(torch.long) * num_buckets
+        relative_position = torch.abs(relative_position)
+        max_exact = num_buckets // 2
+        is_small = relative_position < max_exact
+        if_large = max_exact + (
+            torch.log(relative_position.float() / max_exact)
+            / math.log(max_distance / max_exact)
+            * (num_buckets - max_exact)
+        ).to(torch.long)
+        if_large = torch.clamp(if_large, max=num_buckets - 1)
+        return buckets + torch.where(is_small, relative_position, if_large)
+
+    def compute_bias(self, text_length: int, total_length: int, device: torch.device) -> torch.Tensor:
+        """T5 relative bias on the text x text block, zero for every pair involving a visual token."""
+        position = torch.arange(text_length, dtype=torch.long, device=device)
+        relative_position = position[None, :] - position[:, None]  # (L, L): memory - query
+        buckets = self.relative_position_bucket(
+            relative_position,
+            num_buckets=self.config.relative_attention_num_buckets,
+            max_distance=self.config.relative_attention_max_distance,
+        )
+        bias = self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, H, L, L)
+        pad = total_length - text_length
+        return F.pad(bias, (0, pad, 0, pad))  # (1, H, L + V, L + V)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, T, d_model)
+        attention_bias: torch.Tensor,  # (B, H, T, T): position bias + additive mask
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, length = hidden_states.shape[:2]
+        shape = (batch_size, length, self.n_heads, self.d_kv)
+        query = self.q(hidden_states).view(shape).transpose(1, 2)  # (B, H, T, d_kv)
+        key = self.k(hidden_states).view(shape).transpose(1, 2)
+        value = self.v(hidden_states).view(shape).transpose(1, 2)
+        dropout = self.dropout if self.training else 0.0
+
+        if self.config._attn_implementation == "sdpa" and not output_attentions:
+            context = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_bias.to(query.dtype), dropout_p=dropout, scale=1.0
+            )
+            weights = None
+        else:
+            scores = torch.matmul(query, key.transpose(-1, -2)) + attention_bias  # (B, H, T, T)
+            weights = F.softmax(scores.float(), dim=-1).to(query.dtype)
+            weights = F.dropout(weights, p=dropout, training=self.training)
+            context = torch.matmul(weights, value)  # (B, H, T, d_kv)
+        context = context.transpose(1, 2).reshape(batch_size, length, self.inner_dim)
+        return self.o(context), weights
+
+
+class JointEncoderLayerSelfAttention(nn.Module):
+    def __init__(self, config: JointEncoderConfig, has_relative_attention_bias: bool = False):
+        super().__init__()
+        self.SelfAttention = JointEncoderAttention(config, has_relative_attention_bias)
+        self.layer_norm = JointEncoderLayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        if config.adapter_reduction_factor is not None:
+            self.adapter = JointEncoderAdapter(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden_states, attention_bias, output_attentions=False):
+        attention_output, weights = self.SelfAttention(self.layer_norm(hidden_states), attention_bias, output_attentions)
+        if hasattr(self, "adapter"):
+            attention_output = self.adapter(attention_output)
+        return hidden_states + self.dropout(attention_output), weights
+
+
+class JointEncoderDenseActDense(nn.Module):
+    def __init__(self, config: JointEncoderConfig):
+        super().__init__()
+        if config.is_gated_act:
+            self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
+            self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        else:
+            self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.act = ACT2FN[config.dense_act_fn]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "wi"):
+            hidden_states = self.act(self.wi(hidden_states))
+        else:
+            hidden_states = self.act(self.wi_0(hidden_states)) * self.wi_1(hidden_states)
+        hidden_states = self.dropout(hidden_states)
+        if hidden_states.dtype != self.wo.weight.dtype and not torch.is_autocast_enabled():
+            hidden_states = hidden_states.to(self.wo.weight.dtype)
+        return self.wo(hidden_states)
+
+
+class JointEncoderLayerFF(nn.Module):
+    def __init__(self, config: JointEncoderConfig):
+        super().__init__()
+        self.DenseReluDense = JointEncoderDenseActDense(config)
+        self.layer_norm = JointEncoderLayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        if config.adapter_reduction_factor is not None:
+            self.adapter = JointEncoderAdapter(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        forwarded = self.DenseReluDense(self.layer_norm(hidden_states))
+        if hasattr(self, "adapter"):
+            forwarded = self.adapter(forwarded)
+        return hidden_states + self.dropout(forwarded)
+
+
+class JointEncoderBlock(GradientCheckpointingLayer):
+    def __init__(self, config: JointEncoderConfig, has_relative_attention_bias: bool = False):
+        super().__init__()
+        self.layer = nn.ModuleList(
+            [JointEncoderLayerSelfAttention(config, has_relative_attention_bias), JointEncoderLayerFF(config)]
+        )
+
+    def forward(self, hidden_states, attention_bias, output_attentions=False):
+        hidden_states, weights = self.layer[0](hidden_states, attention_bias, output_attentions)
+        hidden_states = _clamp_fp16(hidden_states)
+        hidden_states = _clamp_fp16(self.layer[1](hidden_states))
+        return hidden_states, weights
+
+
+def _clamp_fp16(hidden_states: torch.Tensor) -> torch.Tensor:
+    # As transformers' T5: keep fp16 activations finite (no-op in fp32/bf16).
+    if hidden_states.dtype == torch.float16:
+        limit = torch.finfo(torch.float16).max - 1000
+        hidden_states = torch.clamp(hidden_states, min=-limit, max=limit)
+    return hidden_states
+
+
+def _adaptive_grid_pool(tokens: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """Pool a square grid of tokens (B, g*g, C) to (B, size*size, C)."""
+    batch_size, num_tokens, channels = tokens.shape
+    grid = math.isqrt(num_tokens)
+    if grid * grid != num_tokens:
+        raise ValueError(
+            f"grid pooling needs a square grid of visual tokens, got {num_tokens} tokens; unset "
+            f"visual_downsample_size / vision_grid_pool_size or give grid features"
+        )
+    grid_tokens = tokens.transpose(1, 2).reshape(batch_size, channels, grid, grid)
+    pool = F.adaptive_max_pool2d if mode == "max" else F.adaptive_avg_pool2d
+    return pool(grid_tokens, size).reshape(batch_size, channels, size * size).transpose(1, 2)
+
+
+def grid_boxes(rows: int, cols: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Normalised (x1, y1, x2, y2) box of each cell of a rows x cols grid, row-major: (rows * cols, 4)."""
+    ys = torch.arange(rows, device=device, dtype=dtype)
+    xs = torch.arange(cols, device=device, dtype=dtype)
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([x / cols, y / rows, (x + 1) / cols, (y + 1) / rows], dim=-1).reshape(rows * cols, 4)
+
+
+class JointEncoderPreTrainedModel(PreTrainedModel):
+    config_class = JointEncoderConfig
+    config: JointEncoderConfig
+    base_model_prefix = "joint_encoder"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["JointEncoderBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^lm_head\."]
+
+    def _init_weights(self, module):
+        """T5's initialisation (Mesh TensorFlow), `initializer_factor` scaling it."""
+        from transformers import initialization as init
+
+        factor = self.config.initializer_factor
+        d_model, d_kv, n_heads = self.config.d_model, self.config.d_kv, self.config.num_heads
+        if isinstance(module, JointEncoderLayerNorm):
+            init.constant_(module.weight, factor)
+        elif isinstance(module, JointEncoderModel):
+            init.normal_(module.shared.weight, mean=0.0, std=factor)
+            if module.projection is not None:
+                init.normal_(module.projection.weight, mean=0.0, std=factor * d_model**-0.5)
+                init.zeros_(module.projection.bias)
+        elif isinstance(module, JointEncoderDenseActDense):
+            for name in ("wi", "wi_0", "wi_1"):
+                if hasattr(module, name):
+                    init.normal_(getattr(module, name).weight, mean=0.0, std=factor * d_model**-0.5)
+            init.normal_(module.wo.weight, mean=0.0, std=factor * self.config.d_ff**-0.5)
+        elif isinstance(module, JointEncoderAttention):
+            init.normal_(module.q.weight, mean=0.0, std=factor * (d_model * d_kv) ** -0.5)
+            init.normal_(module.k.weight, mean=0.0, std=factor * d_model**-0.5)
+            init.normal_(module.v.weight, mean=0.0, std=factor * d_model**-0.5)
+            init.normal_(module.o.weight, mean=0.0, std=factor * (n_heads * d_kv) ** -0.5)
+            if module.has_relative_attention_bias:
+                init.normal_(module.relative_attention_bias.weight, mean=0.0, std=factor * d_model**-0.5)
+        elif isinstance(module, JointEncoderAdapter):
+            # near-identity adapters at initialisation (Houlsby et al., 2019)
+            init.normal_(module.down_sampler.weight, mean=0.0, std=1e-2)
+            init.zeros_(module.down_sampler.bias)
+            init.normal_(module.up_sampler.weight, mean=0.0, std=1e-2)
+            init.zeros_(module.up_sampler.bias)
+        elif isinstance(module, JointEncoderVisualEmbedding):
+            for linear in (module.feat_embedding[0], module.absolute_vis_pos_embedding[0]):
+                init.normal_(linear.weight, mean=0.0, std=factor * linear.in_features**-0.5)
+                init.zeros_(linear.bias)
+            if hasattr(module, "img_order_embedding"):
+                init.normal_(module.img_order_embedding.weight, mean=0.0, std=factor)
+
+
+class JointEncoderModel(JointEncoderPreTrainedModel):
+    r"""
+    The VL-T5 joint encoder with a retrieval head.
+
+    Inputs (LXMERT-style names):
+        input_ids (`LongTensor` (B, L), *optional*): text token ids (VL-T5 tokenizer; texts end with `</s>`).
+        attention_mask (`LongTensor` (B, L), *optional*): 1 for real tokens; defaults to `input_ids != pad_token_id`.
+        visual_feats (`FloatTensor` (B, V, feat_dim), *optional*): region / grid features.
+        visual_pos (`FloatTensor` (B, V, 4), *optional*): boxes (x1, y1, x2, y2) in [0, 1]; zeros if absent.
+        visual_attention_mask (`LongTensor` (B, V), *optional*): 1 for real visual tokens; defaults to ones.
+        image_order_ids (`LongTensor` (B, V), *optional*): image index of each visual token (< n_images); zeros.
+        object_order_ids (`LongTensor` (B, V), *optional*): index of each token within its image; 0..V-1.
+        pixel_values (`FloatTensor` (B, 3, H, W) or (B, n, 3, H, W), *optional*): images for the frozen vision
+            tower (needs `config.vision_config`); replaces `visual_feats`.
+        pixel_attention_mask (`LongTensor` (B, n), *optional*): which of the n images of each query are real.
+
+    Returns [`JointEncoderOutput`] (or a tuple with `return_dict=False`).
+    """
+
+    def __init__(self, config: JointEncoderConfig):
+        super().__init__(config)
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.visual_embedding = JointEncoderVisualEmbedding(config)
+        self.block = nn.ModuleList(
+            [JointEncoderBlock(config, has_relative_attention_bias=(i == 0)) for i in range(config.num_layers)]
+        )
+        self.final_layer_norm = JointEncoderLayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.projection = (
+            nn.Linear(config.d_model, config.projection_dim) if config.projection_dim is not None else None
+        )
+        self.vision_model = None
+        if config.vision_config is not None:
+            self.vision_model = AutoModel.from_config(config.vision_config)
+        self.gradient_checkpointing = False
+        self.post_init()
+        self.freeze_vision_model()
+
+    # ----------------------------------------------------------------------------------------------- embeddings
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.shared
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding):
+        self.shared = new_embeddings
+
+    # -------------------------------------------------------------------------------------------- vision tower
+    def freeze_vision_model(self):
+        """The vision tower is always frozen: no gradients, eval mode (dropout off), never updated by training."""
+        if self.vision_model is not None:
+            self.vision_model.requires_grad_(False)
+            self.vision_model.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.vision_model is not None:
+            self.vision_model.eval()
+        return self
+
+    @torch.no_grad()
+    def get_image_features(
+        self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """
+        Visual tokens from the frozen tower: `pixel_values` (B, 3, H, W) or (B, n, 3, H, W) ->
+        dict(visual_feats (B, n*V, C), visual_pos (B, n*V, 4), visual_attention_mask, image_order_ids,
+        object_order_ids). Precomputed features of these tokens fed to `forward` give the same embedding.
+        """
+        if self.vision_model is None:
+            raise ValueError(
+                "pixel_values given but this model has no vision tower (config.vision_config is None): pass "
+                "precomputed visual_feats, or build the model with a vision_config (see attach_vision_tower)"
+            )
+        if pixel_values.dim() == 4:
+            pixel_values = pixel_values.unsqueeze(1)
+        if pixel_values.dim() != 5:
+            raise ValueError(
+                f"pixel_values must be (batch, 3, H, W) or (batch, n_images, 3, H, W), got {tuple(pixel_values.shape)}"
+            )
+        batch_size, n_images = pixel_values.shape[:2]
+        if n_images > self.config.n_images:
+            raise ValueError(f"{n_images} images per query but the model has n_images={self.config.n_images}")
+        tower = self.vision_model
+        tower_dtype = next(tower.parameters()).dtype
+        outputs = tower(pixel_values=pixel_values.flatten(0, 1).to(tower_dtype), output_hidden_states=True)
+        tokens = outputs.hidden_states[self.config.vision_feature_layer]  # (B*n, 1 + g*g or g*g, C)
+        num_tokens = tokens.shape[1]
+        has_cls = math.isqrt(num_tokens - 1) ** 2 == num_tokens - 1 and math.isqrt(num_tokens) ** 2 != num_tokens
+        cls_token, patches = (tokens[:, :1], tokens[:, 1:]) if has_cls else (None, tokens)
+        if self.config.vision_grid_pool_size is not None:
+            patches = _adaptive_grid_pool(patches, self.config.vision_grid_pool_size, mode="avg")
+        grid = math.isqrt(patches.shape[1])
+        boxes = grid_boxes(grid, grid, device=patches.device)  # (g*g, 4)
+        if self.config.vision_feature_select == "cls_patch" and cls_token is not None:
+            patches = torch.cat([cls_token, patches], dim=1)
+            boxes = torch.cat([boxes.new_tensor([[0.0, 0.0, 1.0, 1.0]]), boxes], dim=0)  # CLS covers the image
+        if self.config.vision_box_mode == "zeros":
+            boxes = torch.zeros_like(boxes)
+        per_image = patches.shape[1]
+        feats = patches.float().reshape(batch_size, n_images * per_image, -1)
+        visual_pos = boxes.expand(batch_size, n_images, per_image, 4).reshape(batch_size, n_images * per_image, 4)
+        image_order_ids = torch.arange(n_images, device=feats.device).repeat_interleave(per_image)
+        object_order_ids = torch.arange(per_image, device=feats.device).repeat(n_images)
+        if pixel_attention_mask is None:
+            visual_attention_mask = torch.ones(batch_size, n_images * per_image, dtype=torch.long, device=feats.device)
+        else:
+            visual_attention_mask = pixel_attention_mask.to(feats.device).long().repeat_interleave(per_image, dim=1)
+        return {
+            "visual_feats": feats,
+            "visual_pos": visual_pos,
+            "visual_attention_mask": visual_attention_mask,
+            "image_order_ids": image_order_ids.expand(batch_size, -1),
+            "object_order_ids": object_order_ids.expand(batch_size, -1),
+        }
+
+    # ------------------------------------------------------------------------------------------------- checks
+    def _check_inputs(self, input_ids, attention_mask, visual_feats, visual_pos, visual_attention_mask,
+                      image_order_ids, object_order_ids):
+        """Shape checks cost nothing; value checks run only for CPU tensors (no device synchronisation on GPU)."""
+        config = self.config
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, text_length), got shape {tuple(input_ids.shape)}")
+            if input_ids.device.type == "cpu" and input_ids.numel():
+                low, high = int(input_ids.min()), int(input_ids.max())
+                if low < 0 or high >= config.vocab_size:
+                    raise ValueError(
+                        f"input_ids hold ids in [{low}, {high}] but the vocabulary has {config.vocab_size} entries: "
+                        f"use the model's own tokenizer"
+                    )
+            if attention_mask is not None and attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
+                )
+        elif attention_mask is not None:
+            raise ValueError("attention_mask given without input_ids")
+        if visual_feats is None:
+            for name, value in (
+                ("visual_pos", visual_pos),
+                ("visual_attention_mask", visual_attention_mask),
+                ("image_order_ids", image_order_ids),
+                ("object_order_ids", object_order_ids),
+            ):
+                if value is not None:
+                    raise ValueError(f"{name} given without visual_feats: pass the visual features too")
+            if input_ids is None:
+                raise ValueError("give input_ids, visual_feats (or pixel_values), or both")
+            return
+        if visual_feats.dim() != 3:
+            raise ValueError(f"visual_feats must be (batch, visual_length, feat_dim), got {tuple(visual_feats.shape)}")
+        batch_size, num_visual, feat_dim = visual_feats.shape
+        if feat_dim != config.feat_dim:
+            raise ValueError(
+                f"visual_feats has {feat_dim} features but the model expects {config.feat_dim} (config.feat_dim): "
+                f"extract features with the backbone the model was trained with"
+            )
+        if input_ids is not None and input_ids.shape[0] != batch_size:
+            raise ValueError(f"input_ids has batch size {input_ids.shape[0]} but visual_feats has {batch_size}")
+        if visual_pos is not None:
+            if visual_pos.dim() != 3 or visual_pos.shape[-1] != config.pos_dim:
+                raise ValueError(
+                    f"visual_pos must be (batch, visual_length, {config.pos_dim}) boxes (x1, y1, x2, y2), got shape "
+                    f"{tuple(visual_pos.shape)}"
+                )
+            if visual_pos.shape[:2] != (batch_size, num_visual):
+                raise ValueError(
+                    f"visual_pos covers {tuple(visual_pos.shape[:2])} (batch, tokens) but visual_feats has "
+                    f"{(batch_size, num_visual)}"
+                )
+        for name, value in (
+            ("visual_attention_mask", visual_attention_mask),
+            ("image_order_ids", image_order_ids),
+            ("object_order_ids", object_order_ids),
+        ):
+            if value is not None and tuple(value.shape) != (batch_size, num_visual):
+                raise ValueError(
+                    f"{name} must have shape (batch, visual_length) = {(batch_size, num_visual)}, got "
+                    f"{tuple(value.shape)}"
+                )
+        if image_order_ids is not None and image_order_ids.device.type == "cpu" and image_order_ids.numel():
+            if int(image_order_ids.max()) >= config.n_images or int(image_order_ids.min()) < 0:
+                raise ValueError(
+                    f"image_order_ids must be in [0, n_images={config.n_images}), got values up to "
+                    f"{int(image_order_ids.max())}"
+                )
+        if object_order_ids is not None and object_order_ids.device.type == "cpu" and object_order_ids.numel():
+            if int(object_order_ids.max()) >= config.vocab_size or int(object_order_ids.min()) < 0:
+                raise ValueError(f"object_order_ids must be in [0, vocab_size={config.vocab_size})")
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        visual_feats: torch.FloatTensor | None = None,
+        visual_pos: torch.FloatTensor | None = None,
+        visual_attention_mask: torch.Tensor | None = None,
+        image_order_ids: torch.LongTensor | None = None,
+        object_order_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> JointEncoderOutput | tuple:
+        config = self.config
+        if kwargs:
+            raise TypeError(f"JointEncoderModel.forward got unexpected arguments: {sorted(kwargs)}")
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        return_dict = return_dict if return_dict is not None else config.return_dict
+
+        if pixel_values is not None:
+            if visual_feats is not None:
+                raise ValueError("give either pixel_values (vision tower) or visual_feats (precomputed), not both")
+            if any(v is not None for v in (visual_pos, visual_attention_mask, image_order_ids, object_order_ids)):
+                raise ValueError(
+                    "visual_pos / visual_attention_mask / order ids are computed from pixel_values by the tower: "
+                    "do not pass them with pixel_values (use pixel_attention_mask to mask images)"
+                )
+            tower_inputs = self.get_image_features(pixel_values, pixel_attention_mask)
+            visual_feats = tower_inputs["visual_feats"]
+            visual_pos = tower_inputs["visual_pos"]
+            visual_attention_mask = tower_inputs["visual_attention_mask"]
+            image_order_ids = tower_inputs["image_order_ids"]
+            object_order_ids = tower_inputs["object_order_ids"]
+
+        self._check_inputs(input_ids, attention_mask, visual_feats, visual_pos, visual_attention_mask,
+                           image_order_ids, object_order_ids)
+
+        embeddings, masks = [], []
+        if input_ids is not None:
+            embeddings.append(self.shared(input_ids))  # (B, L, d) -- no scaling in T5
+            if attention_mask is None:
+                attention_mask = (input_ids != config.pad_token_id).long()
+            masks.append(attention_mask.long())
+        if visual_feats is not None:
+            batch_size, num_visual = visual_feats.shape[:2]
+            if visual_pos is None:
+                visual_pos = visual_feats.new_zeros(batch_size, num_visual, config.pos_dim)
+            if visual_attention_mask is None:
+                visual_attention_mask = torch.ones(batch_size, num_visual, dtype=torch.long, device=visual_feats.device)
+            if config.visual_downsample_size is not None:
+                # VL-Adapter --downsample: 7x7 CLIP grid -> 6x6 by adaptive max pooling; the rest is cut to match
+                size = config.visual_downsample_size
+                visual_feats = _adaptive_grid_pool(visual_feats, size, mode="max")
+                keep = size * size
+                visual_pos = visual_pos[:, :keep]
+                visual_attention_mask = visual_attention_mask[:, :keep]
+                image_order_ids = image_order_ids[:, :keep] if image_order_ids is not None else None
+                object_order_ids = object_order_ids[:, :keep] if object_order_ids is not None else None
+            embedding_dtype = self.shared.weight.dtype
+            embeddings.append(
+                self.visual_embedding(
+                    visual_feats.to(embedding_dtype), visual_pos.to(embedding_dtype), image_order_ids,
+                    object_order_ids, self.shared,
+                )
+            )
+            masks.append(visual_attention_mask.long())
+        text_length = input_ids.shape[1] if input_ids is not None else 0
+        hidden_states = torch.cat(embeddings, dim=1) if len(embeddings) > 1 else embeddings[0]  # (B, L + V, d)
+        joint_mask = torch.cat(masks, dim=1) if len(masks) > 1 else masks[0]  # (B, L + V)
+        total_length = hidden_states.shape[1]
+
+        # Position bias (text x text only) + additive mask, computed once and shared by every block.
+        dtype = hidden_states.dtype
+        if text_length > 0:
+            position_bias = self.block[0].layer[0].SelfAttention.compute_bias(
+                text_length, total_length, hidden_states.device
+            ).to(dtype)  # (1, H, T, T)
+        else:
+            position_bias = hidden_states.new_zeros(1, config.num_heads, total_length, total_length)
+        mask_bias = (1.0 - joint_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min  # (B, 1, 1, T)
+        attention_bias = position_bias + mask_bias  # (B, H, T, T)
+
+        hidden_states = self.dropout(hidden_states)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for block in self.block:
+            hidden_states, weights = block(hidden_states, attention_bias, output_attentions)
+            if output_attentions:
+                all_attentions += (weights,)
+            if output_hidden_states and block is not self.block[-1]:
+                all_hidden_states += (hidden_states,)
+        hidden_states = self.dropout(self.final_layer_norm(hidden_states))
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        pooled = self.pool(hidden_states, joint_mask, text_length)
+        if not return_dict:
+            return tuple(
+                v for v in (hidden_states, pooled, joint_mask, all_hidden_states, all_attentions) if v is not None
+            )
+        return JointEncoderOutput(
+            last_hidden_state=hidden_states,
+            pooler_output=pooled,
+            attention_mask=joint_mask,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+    # ------------------------------------------------------------------------------------------ retrieval head
+    def pool(self, hidden_states: torch.Tensor, joint_mask: torch.Tensor, text_length: int) -> torch.Tensor:
+        """Pooling (config.pooling) -> projection -> L2 normalisation: the retrieval embedding (B, embedding_dim)."""
+        pooling = self.config.pooling
+        if pooling == "first":
+            pooled = hidden_states[:, 0]
+        else:
+            weights = joint_mask.to(hidden_states.dtype)  # (B, T)
+            if pooling == "text_mean":
+                weights = weights.clone()
+                weights[:, text_length:] = 0
+            elif pooling == "visual_mean":
+                weights = weights.clone()
+                weights[:, :text_length] = 0
+            # an input with no token of the pooled kind gives a zero vector instead of NaN
+            counts = weights.sum(dim=1, keepdim=True).clamp(min=1.0)  # (B, 1)
+            pooled = torch.einsum("bt,btd->bd", weights, hidden_states) / counts  # (B, d)
+        if self.projection is not None:
+            pooled = self.projection(pooled)
+        if self.config.normalize:
+            pooled = F.normalize(pooled, p=2, dim=-1)
+        return pooled
+
+    def encode(self, normalize: bool | None = None, **inputs) -> torch.Tensor:
+        """`forward(**inputs).pooler_output`, L2-normalised if `normalize` (default: as the similarity needs)."""
+        embedding = self(**inputs, return_dict=True).pooler_output
+        if normalize is None:
+            normalize = self.config.similarity == "cosine"
+        return F.normalize(embedding, p=2, dim=-1) if normalize else embedding
+
+    def similarity(self, query_embeddings: torch.Tensor, passage_embeddings: torch.Tensor, scale: bool = False):
+        """
+        Score matrix (Q, P) with the similarity the model is trained with (config.similarity), multiplied by
+        config.logit_scale when `scale`. Training and search both call this, so they can never disagree.
+        """
+        return similarity_scores(
+            query_embeddings, passage_embeddings, self.config.similarity, self.config.logit_scale if scale else 1.0
+        )
+
+
+def similarity_scores(queries: torch.Tensor, passages: torch.Tensor, similarity: str, scale: float = 1.0):
+    """(Q, D) x (P, D) -> (Q, P) scores: `dot` or `cosine`, times `scale`."""
+    if similarity == "cosine":
+        queries = F.normalize(queries, p=2, dim=-1)
+        passages = F.normalize(passages, p=2, dim=-1)
+    elif similarity != "dot":
+        raise ValueError(f"similarity must be 'dot' or 'cosine', got {similarity!r}")
+    scores = queries @ passages.transpose(0, 1)
+    return scores * scale if scale != 1.0 else scores
+
+
+__all__ = ["JointEncoderModel", "JointEncoderPreTrainedModel", "JointEncoderOutput", "similarity_scores", "grid_boxes"]
