@@ -1,5 +1,6 @@
 import os
 
+
 # Nothing in the test-suite may reach a hub; tests that talk to the local hub server unset this themselves.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -9,6 +10,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModel, T5Config, T5EncoderModel
 
 from vl_joint_encoder import JointEncoderConfig, JointEncoderModel
 
+
 ATOL = 1e-5
 
 

@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel
 from .configuration_joint_encoder import JointEncoderConfig
 from .modeling_joint_encoder import JointEncoderModel, JointEncoderOutput, JointEncoderPreTrainedModel
 
+
 __version__ = "0.1.0"
 
 AutoConfig.register(JointEncoderConfig.model_type, JointEncoderConfig, exist_ok=True)

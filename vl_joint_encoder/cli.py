@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+
 # command -> (module, function, one-line help). Modules are imported only when their command runs, so that
 # `vl-joint-encoder --help` is instant and a missing optional dependency only breaks the command that needs it.
 COMMANDS = {

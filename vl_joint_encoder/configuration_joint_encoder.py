@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
+
 logger = logging.get_logger(__name__)
 
 POOLING_MODES = ("mean", "text_mean", "visual_mean", "first")

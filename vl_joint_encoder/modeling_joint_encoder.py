@@ -25,6 +25,7 @@ from transformers.utils import logging
 
 from .configuration_joint_encoder import JointEncoderConfig
 
+
 logger = logging.get_logger(__name__)
 
 

@@ -1,0 +1,117 @@
+"""The VL-T5 tokenizer layout: T5's sentencepiece pieces, then `<extra_id_99..0>`, then `<vis_extra_id_99..0>`.
+
+`<vis_extra_id_k>` has id `vocab_size - 1 - k`: the model's object-order embedding reads those rows of the token
+embedding, so the layout is part of the model, not a tokenizer detail (j-min/VL-T5 `src/tokenization.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+EXTRA_ID = "<extra_id_{}>"
+VIS_EXTRA_ID = "<vis_extra_id_{}>"
+
+
+def vis_extra_id_tokens(n: int = 100) -> list[str]:
+    """`<vis_extra_id_{n-1}>` ... `<vis_extra_id_0>`: the order in which they are appended to the vocabulary."""
+    return [VIS_EXTRA_ID.format(k) for k in range(n - 1, -1, -1)]
+
+
+def check_vl_t5_layout(tokenizer: PreTrainedTokenizerBase, vocab_size: int | None = None, n_vis: int = 100) -> None:
+    """Raise a ValueError unless `<vis_extra_id_k>` = vocab_size - 1 - k and pad = 0, eos = 1 (VL-T5 layout)."""
+    vocab_size = len(tokenizer) if vocab_size is None else vocab_size
+    if len(tokenizer) != vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab_size} rows: the object-order "
+            f"embedding reads rows vocab_size-1-k, so both must agree (build the tokenizer with build_vl_t5_tokenizer)"
+        )
+    if tokenizer.pad_token_id != 0 or tokenizer.eos_token_id != 1:
+        raise ValueError(
+            f"VL-T5 layout needs pad id 0 and </s> id 1, got pad {tokenizer.pad_token_id}, eos {tokenizer.eos_token_id}"
+        )
+    ids = tokenizer.convert_tokens_to_ids([VIS_EXTRA_ID.format(k) for k in range(n_vis)])
+    wrong = [(k, i) for k, i in enumerate(ids) if i != vocab_size - 1 - k]
+    if wrong:
+        k, i = wrong[0]
+        raise ValueError(
+            f"<vis_extra_id_{k}> has id {i}, expected {vocab_size - 1 - k} (= vocab_size - 1 - k); "
+            f"{len(wrong)} visual sentinel ids are misplaced: build the tokenizer with build_vl_t5_tokenizer"
+        )
+
+
+def build_vl_t5_tokenizer(base: PreTrainedTokenizerBase, n_extra: int = 100, n_vis: int = 100):
+    """
+    From a T5 tokenizer (t5-base: 32000 pieces + `<extra_id_*>` = 32100 tokens), the VL-T5 tokenizer: append
+    `<vis_extra_id_{n_vis-1}>` ... `<vis_extra_id_0>` so that `<vis_extra_id_k>` = 32199 - k (vocab 32200).
+    A base without `<extra_id_*>` first gets them in T5's order (`<extra_id_k>` = 32099 - k). Returns a copy.
+    """
+    import copy
+
+    tokenizer = copy.deepcopy(base)
+    if tokenizer.pad_token_id != 0 or tokenizer.eos_token_id != 1:
+        raise ValueError(
+            f"{type(base).__name__} is not a T5 tokenizer: VL-T5 needs pad id 0 and </s> id 1, got pad "
+            f"{tokenizer.pad_token_id}, eos {tokenizer.eos_token_id}"
+        )
+    vocab = tokenizer.get_vocab()
+    if VIS_EXTRA_ID.format(0) in vocab:
+        check_vl_t5_layout(tokenizer, n_vis=n_vis)
+        return tokenizer
+    if EXTRA_ID.format(0) not in vocab:
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": [EXTRA_ID.format(k) for k in range(n_extra - 1, -1, -1)]},
+            replace_extra_special_tokens=False,
+        )
+    elif tokenizer.convert_tokens_to_ids(EXTRA_ID.format(0)) != len(tokenizer) - 1:
+        raise ValueError(
+            "the base tokenizer has <extra_id_*> tokens but <extra_id_0> is not its last token: not the T5 layout"
+        )
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": vis_extra_id_tokens(n_vis)}, replace_extra_special_tokens=False
+    )
+    check_vl_t5_layout(tokenizer, n_vis=n_vis)
+    return tokenizer
+
+
+def train_vl_t5_tokenizer(
+    texts: Iterable[str], vocab_size: int = 2000, n_extra: int = 100, n_vis: int = 100, show_progress: bool = False
+):
+    """
+    Train a small T5-style Unigram tokenizer on `texts` (no download needed) and give it the VL-T5 layout:
+    `<pad>`=0, `</s>`=1, `<unk>`=2, learned pieces, `<extra_id_{n_extra-1}..0>`, `<vis_extra_id_{n_vis-1}..0>`.
+    `vocab_size` counts the learned pieces and the three specials; the tokenizer then has vocab_size + n_extra + n_vis
+    tokens. Used by the demo and the tests, since no real T5 sentencepiece model can be downloaded there.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import T5Tokenizer
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    backend = Tokenizer(models.Unigram())
+    backend.normalizer = normalizers.NFKC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=show_progress
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    pieces = [(piece, score) for piece, score in json.loads(backend.to_str())["model"]["vocab"]]
+    if [p for p, _ in pieces[:3]] != specials:
+        raise RuntimeError(f"unexpected special-token layout after training: {pieces[:3]}")
+    extra = [EXTRA_ID.format(k) for k in range(n_extra - 1, -1, -1)]
+    vis = vis_extra_id_tokens(n_vis)
+    vocab = pieces + [(token, 0.0) for token in extra + vis]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=n_extra, additional_special_tokens=extra[::-1] + vis)
+    tokenizer.backend_tokenizer.normalizer = normalizers.NFKC()
+    check_vl_t5_layout(tokenizer, n_vis=n_vis)
+    return tokenizer
+
+
+__all__ = ["build_vl_t5_tokenizer", "train_vl_t5_tokenizer", "check_vl_t5_layout", "vis_extra_id_tokens"]
