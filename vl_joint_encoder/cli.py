@@ -17,7 +17,7 @@ COMMANDS = {
     "encode": ("vl_joint_encoder.encode", "main", "encode a knowledge base into embedding shards"),
     "index": ("vl_joint_encoder.search", "index_main", "build a FAISS index over encoded shards"),
     "search": ("vl_joint_encoder.search", "search_main", "top-k search of queries over encoded shards or an index"),
-    "evaluate": ("vl_joint_encoder.metrics", "main", "IR metrics of a run against qrels (values equal ranx's)"),
+    "evaluate": ("vl_joint_encoder.ir_metrics", "main", "IR metrics of a run against qrels (values equal ranx's)"),
 }
 
 
