@@ -164,12 +164,12 @@ def test_visual_only_input_matches_reference():
     assert out.pooler_output.shape == (2, 32)
 
 
-def _t5_and_ours(feed_forward_proj="relu", seed=0):
-    kwargs = tiny_config_kwargs(feed_forward_proj=feed_forward_proj)
+def _t5_and_ours(feed_forward_proj="relu", seed=0, attn="eager"):
+    kwargs = tiny_config_kwargs(feed_forward_proj=feed_forward_proj, attn_implementation=attn)
     t5_config = T5Config(
         vocab_size=kwargs["vocab_size"], d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, relative_attention_max_distance=20, dropout_rate=0.0,
-        feed_forward_proj=feed_forward_proj,
+        feed_forward_proj=feed_forward_proj, attn_implementation=attn,
     )
     torch.manual_seed(seed)
     t5 = T5EncoderModel(t5_config)
@@ -188,9 +188,11 @@ def _t5_and_ours(feed_forward_proj="relu", seed=0):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"])
-def test_text_only_equals_transformers_t5_encoder(feed_forward_proj):
-    t5, ours = _t5_and_ours(feed_forward_proj)
+def test_text_only_equals_transformers_t5_encoder(feed_forward_proj, attn):
+    t5, ours = _t5_and_ours(feed_forward_proj, attn=attn)
+    assert t5.config._attn_implementation == attn and ours.config._attn_implementation == attn
     input_ids = text_batch(length=11)
     expected = t5(input_ids=input_ids, attention_mask=(input_ids != 0).long()).last_hidden_state
     got = ours(input_ids=input_ids).last_hidden_state
