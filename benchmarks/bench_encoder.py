@@ -4,7 +4,8 @@ Baseline: `T5EncoderModel` with the same weights, same attention implementation,
 length, measured in the same run with interleaved repetitions (A, B, A, B, ...) so that machine noise hits both.
 Cases:
   - text-only: batch x length tokens for both models;
-  - text + 36 visual tokens: ours gets (length - 36) text tokens + 36 visual tokens, T5 gets `length` text tokens.
+  - text + 36 visual tokens: ours gets (length - 36) text tokens + 36 visual tokens, T5 gets `length` text tokens;
+  - each also "padded": text lengths vary per row (the realistic retrieval batch), same masks for both models.
 Ratio = T5 time / our time (>= 1 means we are faster; target >= 0.95).
 
     python benchmarks/bench_encoder.py                       # t5-small shape, fp32, CPU
@@ -56,10 +57,15 @@ def timed(fn, device: str) -> float:
 
 
 @torch.inference_mode()
-def compare(t5, ours, batch: int, length: int, visual: int, device: str, dtype: torch.dtype, repeats: int):
+def compare(t5, ours, batch: int, length: int, visual: int, device: str, dtype: torch.dtype, repeats: int,
+            padded: bool = False):
     generator = torch.Generator().manual_seed(0)
     ids_t5 = torch.randint(2, 32000, (batch, length), generator=generator).to(device)
     mask_t5 = torch.ones_like(ids_t5)
+    if padded:  # realistic retrieval batches: text lengths vary, the tail of each row is padding
+        lengths = torch.randint((length - visual) // 2, length - visual + 1, (batch,), generator=generator)
+        mask_t5 = (torch.arange(length)[None, :] < lengths[:, None]).long().to(device)
+        ids_t5 = ids_t5 * mask_t5
     text_len = length - visual
     ids_ours = ids_t5[:, :text_len]
     extra = {}
@@ -108,8 +114,16 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for attn in args.attn:
         t5, ours = build_pair(args.size, attn, dtype, args.device)
-        for case, visual in (("text only", 0), (f"text + {args.visual} visual", args.visual)):
-            t5_time, our_time = compare(t5, ours, args.batch, args.length, visual, args.device, dtype, args.repeats)
+        cases = (
+            ("text only", 0, False),
+            ("text only, padded", 0, True),
+            (f"text + {args.visual} visual", args.visual, False),
+            (f"text + {args.visual} visual, padded", args.visual, True),
+        )
+        for case, visual, padded in cases:
+            t5_time, our_time = compare(
+                t5, ours, args.batch, args.length, visual, args.device, dtype, args.repeats, padded
+            )
             print(f"| {attn} | {case} | {t5_time * 1e3:.1f} | {our_time * 1e3:.1f} | {t5_time / our_time:.3f} |")
             sys.stdout.flush()
     return 0

@@ -193,7 +193,7 @@ class JointEncoderAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,  # (B, T, d_model)
-        attention_bias: torch.Tensor,  # (B, H, T, T): position bias + additive mask
+        attention_bias: torch.Tensor,  # (B or 1, H, T, T): position bias + additive mask
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, length = hidden_states.shape[:2]
@@ -638,8 +638,13 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
             ).to(dtype)  # (1, H, T, T)
         else:
             position_bias = hidden_states.new_zeros(1, config.num_heads, total_length, total_length)
-        mask_bias = (1.0 - joint_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min  # (B, 1, 1, T)
-        attention_bias = position_bias + mask_bias  # (B, H, T, T)
+        if joint_mask.device.type == "cpu" and bool(joint_mask.all()):
+            # nothing to mask: a batch-independent (1, H, T, T) bias is cheaper for every layer. Only decided for CPU
+            # tensors, where reading the mask costs no device synchronisation.
+            attention_bias = position_bias
+        else:
+            mask_bias = (1.0 - joint_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min  # (B, 1, 1, T)
+            attention_bias = position_bias + mask_bias  # (B, H, T, T)
 
         hidden_states = self.dropout(hidden_states)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
