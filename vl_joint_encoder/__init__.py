@@ -4,10 +4,11 @@ Importing the package registers `JointEncoderConfig` / `JointEncoderModel` with 
 them for export as remote code (so `save_pretrained` writes `auto_map` and copies the two files next to the weights).
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from .configuration_joint_encoder import JointEncoderConfig
 from .modeling_joint_encoder import JointEncoderModel, JointEncoderOutput, JointEncoderPreTrainedModel
+from .processing_joint_encoder import JointEncoderProcessor
 
 
 __version__ = "0.1.0"
@@ -16,11 +17,14 @@ AutoConfig.register(JointEncoderConfig.model_type, JointEncoderConfig, exist_ok=
 AutoModel.register(JointEncoderConfig, JointEncoderModel, exist_ok=True)
 JointEncoderConfig.register_for_auto_class()
 JointEncoderModel.register_for_auto_class("AutoModel")
+AutoProcessor.register(JointEncoderConfig, JointEncoderProcessor, exist_ok=True)
+JointEncoderProcessor.register_for_auto_class()
 
 __all__ = [
     "JointEncoderConfig",
     "JointEncoderModel",
     "JointEncoderOutput",
     "JointEncoderPreTrainedModel",
+    "JointEncoderProcessor",
     "__version__",
 ]
