@@ -112,3 +112,21 @@ def test_cli_json_and_trec(tmp_path, capsys):
         assert json.loads(out.read_text()) == {"mrr@10": 0.75, "precision@1": 0.5}
     assert "mrr@10" in capsys.readouterr().out
     assert ir_metrics.main(["--run", str(tmp_path / "nope.json"), "--qrels", str(tmp_path / "qrels.json")]) == 2
+
+
+def test_evaluate_metric_module_offline(ranx_evaluate):
+    evaluate = pytest.importorskip("evaluate")
+    import vl_joint_encoder
+
+    path = f"{vl_joint_encoder.__path__[0]}/evaluate_metrics/retrieval_metrics"
+    metric = evaluate.load(path)
+    rng = random.Random(7)
+    docs = [f"d{i}" for i in range(30)]
+    predictions = [rng.sample(docs, rng.randint(0, 20)) for _ in range(25)]
+    references = [rng.sample(docs, rng.randint(0, 4)) for _ in range(25)]
+    names = ["mrr@10", "precision@1", "recall@20", "hit_rate@5", "ndcg@10", "map@20"]
+    got = metric.compute(predictions=predictions, references=references, metrics=names)
+    qrels = {f"q{i:02d}": {d: 1 for d in rel} for i, rel in enumerate(references)}
+    run = {f"q{i:02d}": {d: float(len(r) - j) for j, d in enumerate(r)} for i, r in enumerate(predictions) if r}
+    expected = ranx_evaluate(qrels, run, names)
+    assert got == {name: float(expected[name]) for name in names}
