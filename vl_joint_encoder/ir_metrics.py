@@ -39,7 +39,16 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency of t
     logger = logging.getLogger(__name__)
 
 METRICS = ("mrr", "precision", "recall", "hit_rate", "ndcg", "map", "hits")
-DEFAULT_METRICS = ("mrr@10", "mrr@100", "precision@1", "precision@20", "recall@100", "hit_rate@20", "ndcg@10", "map@100")
+DEFAULT_METRICS = (
+    "mrr@10",
+    "mrr@100",
+    "precision@1",
+    "precision@20",
+    "recall@100",
+    "hit_rate@20",
+    "ndcg@10",
+    "map@100",
+)
 
 Qrels = Mapping[str, Mapping[str, int]]
 Run = Mapping[str, Mapping[str, float]]
@@ -196,10 +205,14 @@ def _check_qrels(qrels: Qrels) -> None:
         raise ValueError("qrels are empty: nothing to evaluate against (expected {query_id: {passage_id: relevance}})")
     for query_id, judged in qrels.items():
         if not isinstance(judged, Mapping):
-            raise ValueError(f"qrels[{query_id!r}] must be a dict passage_id -> relevance, got {type(judged).__name__}")
+            raise ValueError(
+                f"qrels[{query_id!r}] must be a dict passage_id -> relevance, got {type(judged).__name__}"
+            )
         for doc, rel in judged.items():
             if isinstance(rel, bool) or not float(rel).is_integer():
-                raise ValueError(f"qrels[{query_id!r}][{doc!r}] = {rel!r}: relevance must be an integer (ranx convention)")
+                raise ValueError(
+                    f"qrels[{query_id!r}][{doc!r}] = {rel!r}: relevance must be an integer (ranx convention)"
+                )
 
 
 def evaluate_per_query(qrels: Qrels, run: Run, metrics: str | Iterable[str]) -> dict[str, dict[str, float]]:
@@ -222,7 +235,9 @@ def evaluate(qrels: Qrels, run: Run, metrics: str | Iterable[str] = DEFAULT_METR
     """Mean of each metric over the queries of `qrels`: equals `ranx.evaluate(..., make_comparable=True)`."""
     per_query = evaluate_per_query(qrels, run, metrics)
     # np.mean over the sorted-query array is what ranx does (pairwise summation: same bits)
-    return {name: float(np.mean(np.asarray(list(values.values()), dtype=np.float64))) for name, values in per_query.items()}
+    return {
+        name: float(np.mean(np.asarray(list(values.values()), dtype=np.float64))) for name, values in per_query.items()
+    }
 
 
 def _mean_metric(metric: str, qrels: Qrels, run: Run, k: int, rel_lvl: int) -> float:

@@ -56,7 +56,9 @@ class RetrievalMetrics(evaluate.Metric):
 
     def _compute(self, predictions, references, metrics=None):
         if len(predictions) != len(references):
-            raise ValueError(f"{len(predictions)} ranked lists but {len(references)} reference lists: one each per query")
+            raise ValueError(
+                f"{len(predictions)} ranked lists but {len(references)} reference lists: one each per query"
+            )
         run, qrels = {}, {}
         for index, (ranked, relevant) in enumerate(zip(predictions, references)):
             if len(set(ranked)) != len(ranked):
