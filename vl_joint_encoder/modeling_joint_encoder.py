@@ -316,6 +316,59 @@ def grid_boxes(rows: int, cols: int, device=None, dtype=torch.float32) -> torch.
     return torch.stack([x / cols, y / rows, (x + 1) / cols, (y + 1) / rows], dim=-1).reshape(rows * cols, 4)
 
 
+def tower_has_cls_token(tower: nn.Module) -> bool:
+    """CLIP-like towers prepend a CLS token (a `class_embedding` parameter); SigLIP has none."""
+    return any(name.endswith("class_embedding") for name, _ in tower.named_parameters())
+
+
+@torch.no_grad()
+def vision_tokens(
+    tower: nn.Module,
+    pixel_values: torch.Tensor,  # (N, 3, H, W)
+    feature_layer: int = -1,
+    feature_select: str = "patch",
+    grid_pool_size: int | None = None,
+    box_mode: str = "grid",
+    dtype: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Visual tokens of a frozen vision tower, as the joint encoder consumes them (the feature extractor calls this
+    same function, so precomputed features equal the in-model ones): the hidden states of `feature_layer` (LLaVA's
+    `vision_feature_layer`), without (`"patch"`) or with (`"cls_patch"`) the CLS token, optionally average-pooled
+    to a `grid_pool_size`^2 grid, and each token's box (`"grid"`: its cell, CLS = whole image; `"zeros"`: VL-Adapter).
+
+    Returns `(tokens (N, V, C) float32, boxes (V, 4))`.
+    """
+    if dtype is not None:
+        wanted = getattr(torch, dtype)
+        if next(tower.parameters()).dtype != wanted:
+            tower.to(wanted)  # vision_tower_dtype: e.g. bfloat16 on GPU halves the frozen tower's memory
+    tower_dtype = next(tower.parameters()).dtype
+    outputs = tower(pixel_values=pixel_values.to(tower_dtype), output_hidden_states=True)
+    tokens = outputs.hidden_states[feature_layer]  # (N, 1 + g*g, C) CLIP or (N, g*g, C) SigLIP
+    if tower_has_cls_token(tower):
+        cls_token, patches = tokens[:, :1], tokens[:, 1:]
+    else:
+        cls_token, patches = None, tokens
+    if grid_pool_size is not None:
+        patches = _adaptive_grid_pool(patches, grid_pool_size, mode="avg")  # (N, s*s, C)
+    grid = math.isqrt(patches.shape[1])
+    if grid * grid != patches.shape[1]:
+        raise ValueError(f"the vision tower gives {patches.shape[1]} patch tokens, not a square grid")
+    boxes = grid_boxes(grid, grid, device=patches.device)  # (g*g, 4)
+    if feature_select == "cls_patch":
+        if cls_token is None:
+            raise ValueError(
+                f"vision_feature_select='cls_patch' but the tower ({type(tower).__name__}) has no CLS token (SigLIP): "
+                f"use 'patch'"
+            )
+        patches = torch.cat([cls_token, patches], dim=1)  # (N, 1 + g*g, C)
+        boxes = torch.cat([boxes.new_tensor([[0.0, 0.0, 1.0, 1.0]]), boxes], dim=0)  # CLS covers the whole image
+    if box_mode == "zeros":
+        boxes = torch.zeros_like(boxes)
+    return patches.float(), boxes
+
+
 class JointEncoderPreTrainedModel(PreTrainedModel):
     config_class = JointEncoderConfig
     config: JointEncoderConfig
@@ -419,9 +472,10 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
             self.vision_model.eval()
 
     def train(self, mode: bool = True):
+        """`nn.Module.train`, except the vision tower, which stays in eval mode and frozen. `from_pretrained` ends with
+        `model.eval()`, so this also re-freezes the parameters it loads (loading creates them with requires_grad)."""
         super().train(mode)
-        if self.vision_model is not None:
-            self.vision_model.eval()
+        self.freeze_vision_model()
         return self
 
     @torch.no_grad()
@@ -447,22 +501,15 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
         batch_size, n_images = pixel_values.shape[:2]
         if n_images > self.config.n_images:
             raise ValueError(f"{n_images} images per query but the model has n_images={self.config.n_images}")
-        tower = self.vision_model
-        tower_dtype = next(tower.parameters()).dtype
-        outputs = tower(pixel_values=pixel_values.flatten(0, 1).to(tower_dtype), output_hidden_states=True)
-        tokens = outputs.hidden_states[self.config.vision_feature_layer]  # (B*n, 1 + g*g or g*g, C)
-        num_tokens = tokens.shape[1]
-        has_cls = math.isqrt(num_tokens - 1) ** 2 == num_tokens - 1 and math.isqrt(num_tokens) ** 2 != num_tokens
-        cls_token, patches = (tokens[:, :1], tokens[:, 1:]) if has_cls else (None, tokens)
-        if self.config.vision_grid_pool_size is not None:
-            patches = _adaptive_grid_pool(patches, self.config.vision_grid_pool_size, mode="avg")
-        grid = math.isqrt(patches.shape[1])
-        boxes = grid_boxes(grid, grid, device=patches.device)  # (g*g, 4)
-        if self.config.vision_feature_select == "cls_patch" and cls_token is not None:
-            patches = torch.cat([cls_token, patches], dim=1)
-            boxes = torch.cat([boxes.new_tensor([[0.0, 0.0, 1.0, 1.0]]), boxes], dim=0)  # CLS covers the image
-        if self.config.vision_box_mode == "zeros":
-            boxes = torch.zeros_like(boxes)
+        patches, boxes = vision_tokens(
+            self.vision_model,
+            pixel_values.flatten(0, 1),
+            feature_layer=self.config.vision_feature_layer,
+            feature_select=self.config.vision_feature_select,
+            grid_pool_size=self.config.vision_grid_pool_size,
+            box_mode=self.config.vision_box_mode,
+            dtype=self.config.vision_tower_dtype,
+        )  # (B*n, V, C), (V, 4)
         per_image = patches.shape[1]
         feats = patches.float().reshape(batch_size, n_images * per_image, -1)
         visual_pos = boxes.expand(batch_size, n_images, per_image, 4).reshape(batch_size, n_images * per_image, 4)
@@ -723,4 +770,11 @@ def similarity_scores(queries: torch.Tensor, passages: torch.Tensor, similarity:
     return scores * scale if scale != 1.0 else scores
 
 
-__all__ = ["JointEncoderModel", "JointEncoderPreTrainedModel", "JointEncoderOutput", "similarity_scores", "grid_boxes"]
+__all__ = [
+    "JointEncoderModel",
+    "JointEncoderPreTrainedModel",
+    "JointEncoderOutput",
+    "similarity_scores",
+    "grid_boxes",
+    "vision_tokens",
+]

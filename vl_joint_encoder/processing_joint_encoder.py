@@ -322,12 +322,17 @@ class JointEncoderProcessor(ProcessorMixin):
     @classmethod
     def from_model_config(cls, config, tokenizer, image_processor=None, **kwargs) -> JointEncoderProcessor:
         """A processor whose checks match `config` (feat_dim, n_images) and, with a vision tower, its image size."""
-        if image_processor is None:
-            vision_config = getattr(config, "vision_config", None)
-            size = getattr(vision_config, "image_size", None) if vision_config is not None else None
-            image_processor = default_image_processor(
-                **({"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}} if size else {})
-            )
+        vision_config = getattr(config, "vision_config", None)
+        if image_processor is None and vision_config is not None:
+            size = vision_config.image_size
+            if vision_config.model_type.startswith("siglip"):
+                from transformers import SiglipImageProcessorPil  # SigLIP: plain resize to a square, mean = std = 0.5
+
+                image_processor = SiglipImageProcessorPil(size={"height": size, "width": size})
+            else:
+                image_processor = default_image_processor(
+                    size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+                )
         return cls(image_processor, tokenizer, feat_dim=config.feat_dim, n_images=config.n_images, **kwargs)
 
 

@@ -1,0 +1,215 @@
+"""The frozen vision tower: tiny configs for tests/demos, and attaching a CLIP (or SigLIP) checkpoint to a joint encoder.
+
+`attach_vision_tower(model, "openai/clip-vit-base-patch32")` returns a joint encoder whose config carries the tower's
+`vision_config` and whose `vision_model` holds the checkpoint's weights, frozen; saving it (with a processor from
+`processor_for_tower`) puts the whole pipeline, image -> CLIP grid -> joint encoder -> embedding, in one repo.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig, SiglipVisionConfig
+from transformers.utils import logging
+
+from .configuration_joint_encoder import JointEncoderConfig
+from .modeling_joint_encoder import JointEncoderModel
+
+
+logger = logging.get_logger(__name__)
+
+# checkpoint model_type -> (vision config attribute or None, vision model class name in transformers)
+_TOWERS = {
+    "clip": ("vision_config", "CLIPVisionModel"),
+    "clip_vision_model": (None, "CLIPVisionModel"),
+    "siglip": ("vision_config", "SiglipVisionModel"),
+    "siglip_vision_model": (None, "SiglipVisionModel"),
+}
+
+
+def tiny_clip_vision_config(
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 37,
+    image_size: int = 32,
+    patch_size: int = 8,
+    **kwargs,
+) -> CLIPVisionConfig:
+    """A transformers-test-sized CLIP vision tower (image 32, patch 8: a 4 x 4 grid + CLS) for tests and demos."""
+    return CLIPVisionConfig(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=hidden_size,
+        **kwargs,
+    )
+
+
+def tiny_siglip_vision_config(
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 37,
+    image_size: int = 32,
+    patch_size: int = 8,
+    **kwargs,
+) -> SiglipVisionConfig:
+    """A tiny SigLIP vision tower: patch tokens only (no CLS token), attention-pooled head."""
+    return SiglipVisionConfig(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        image_size=image_size,
+        patch_size=patch_size,
+        **kwargs,
+    )
+
+
+def load_vision_tower(checkpoint: str | os.PathLike, **from_pretrained_kwargs) -> torch.nn.Module:
+    """
+    The vision half of a CLIP / SigLIP checkpoint (a full `CLIPModel`/`SiglipModel` or a bare vision model, local dir
+    or hub id), as a `CLIPVisionModel` / `SiglipVisionModel`. Both layouts store the tower under `vision_model.`, so
+    the full model's text weights are simply not read.
+    """
+    import transformers
+
+    config = AutoConfig.from_pretrained(checkpoint, **from_pretrained_kwargs)
+    if config.model_type not in _TOWERS:
+        raise ValueError(
+            f"{checkpoint!s} is a {config.model_type!r} checkpoint; attach_vision_tower supports {sorted(_TOWERS)} "
+            f"(CLIP or SigLIP, full model or vision model)"
+        )
+    attribute, class_name = _TOWERS[config.model_type]
+    vision_config = getattr(config, attribute) if attribute else config
+    model_class = getattr(transformers, class_name)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # a full CLIPModel's text weights are expected to be left out: no loading table
+    try:
+        tower, info = model_class.from_pretrained(
+            checkpoint, config=vision_config, output_loading_info=True, **from_pretrained_kwargs
+        )
+    finally:
+        logging.set_verbosity(verbosity)
+    logger.info("%s: vision tower loaded, %d other weights (text side) left out", checkpoint, len(info["unexpected_keys"]))
+    if info["missing_keys"]:
+        raise ValueError(
+            f"{checkpoint!s} lacks {len(info['missing_keys'])} weights of its vision tower, e.g. "
+            f"{sorted(info['missing_keys'])[:3]}: not a complete {class_name} checkpoint"
+        )
+    return tower
+
+
+def attach_vision_tower(
+    model_or_dir: JointEncoderModel | str | os.PathLike,
+    vision_checkpoint: str | os.PathLike | torch.nn.Module,
+    vision_feature_layer: int | None = None,
+    vision_feature_select: str | None = None,
+    vision_grid_pool_size: int | None = None,
+    vision_box_mode: str | None = None,
+    vision_tower_dtype: str | None = None,
+    reinit_feat_embedding: bool = False,
+) -> JointEncoderModel:
+    """
+    A copy of the joint encoder that holds a frozen vision tower with the weights of `vision_checkpoint`.
+
+    Args:
+        model_or_dir: a `JointEncoderModel` (converted VL-T5 or T5-initialised) or its directory / hub id.
+        vision_checkpoint: CLIP or SigLIP checkpoint (full or vision-only; local dir or hub id), or a loaded
+            `CLIPVisionModel` / `SiglipVisionModel`.
+        vision_feature_layer / vision_feature_select / vision_grid_pool_size / vision_box_mode / vision_tower_dtype:
+            override the config's values (see `JointEncoderConfig`); `None` keeps them.
+        reinit_feat_embedding: the visual projection is `Linear(feat_dim, d_model)`; if the tower's hidden size differs
+            from `feat_dim` (e.g. a model trained on 2048-d Faster R-CNN features and a 768-d ViT), this must be True
+            to start a new, T5-initialised projection (the model then needs training). Otherwise that is an error.
+
+    Returns a new `JointEncoderModel` (eval mode); every non-vision weight equals the input model's.
+    """
+    model = model_or_dir if isinstance(model_or_dir, JointEncoderModel) else JointEncoderModel.from_pretrained(
+        model_or_dir
+    )
+    tower = vision_checkpoint if isinstance(vision_checkpoint, torch.nn.Module) else load_vision_tower(
+        vision_checkpoint
+    )
+    vision_config: PreTrainedConfig = tower.config
+    hidden = vision_config.hidden_size
+    config_dict = model.config.to_dict()
+    if hidden != model.config.feat_dim:
+        if not reinit_feat_embedding:
+            raise ValueError(
+                f"the vision tower's hidden size is {hidden} but the joint encoder was built for feat_dim="
+                f"{model.config.feat_dim} features: use a tower of that size, or pass reinit_feat_embedding=True "
+                f"to start a new visual projection (which then needs training)"
+            )
+        logger.warning("feat_dim %d -> %d: the visual feature projection is re-initialised", model.config.feat_dim, hidden)
+    config_dict["feat_dim"] = hidden
+    config_dict["vision_config"] = vision_config.to_dict()
+    for name, value in (
+        ("vision_feature_layer", vision_feature_layer),
+        ("vision_feature_select", vision_feature_select),
+        ("vision_grid_pool_size", vision_grid_pool_size),
+        ("vision_box_mode", vision_box_mode),
+        ("vision_tower_dtype", vision_tower_dtype),
+    ):
+        if value is not None:
+            config_dict[name] = value
+    for key in ("model_type", "transformers_version", "architectures", "auto_map"):
+        config_dict.pop(key, None)
+    new_config = JointEncoderConfig(**config_dict)
+    new_config._attn_implementation = model.config._attn_implementation
+    new_model = JointEncoderModel(new_config)
+
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("vision_model.")}
+    if hidden != model.config.feat_dim:
+        state = {k: v for k, v in state.items() if not k.startswith("visual_embedding.feat_embedding.0.")}
+    missing, unexpected = new_model.load_state_dict(state, strict=False)
+    allowed = ("vision_model.", "visual_embedding.feat_embedding.0.") if hidden != model.config.feat_dim else (
+        "vision_model.",
+    )
+    wrong = [k for k in missing if not k.startswith(allowed)]
+    if wrong or unexpected:
+        raise RuntimeError(f"joint encoder weights did not transfer: missing {wrong[:5]}, unexpected {unexpected[:5]}")
+    tower_state = tower.state_dict()
+    missing, unexpected = new_model.vision_model.load_state_dict(tower_state, strict=True)
+    n_tower = sum(1 for k in new_model.state_dict() if k.startswith("vision_model."))
+    if n_tower != len(tower_state):
+        raise RuntimeError(f"the tower has {len(tower_state)} tensors but the joint encoder holds {n_tower}")
+    new_model.to(next(model.parameters()).dtype)
+    if vision_tower_dtype is not None or new_config.vision_tower_dtype is not None:
+        new_model.vision_model.to(getattr(torch, new_config.vision_tower_dtype))
+    new_model.freeze_vision_model()
+    logger.info("attached a %s (%d tensors) to the joint encoder", type(tower).__name__, len(tower_state))
+    return new_model.eval()
+
+
+def processor_for_tower(model: JointEncoderModel, tokenizer, vision_checkpoint: str | os.PathLike | None = None):
+    """
+    The `JointEncoderProcessor` for a model with a tower: the checkpoint's own image preprocessing
+    (`preprocessor_config.json`, read with the PIL backend) when given and present, else CLIP's (SigLIP's) defaults at
+    the tower's image size.
+    """
+    from transformers import AutoImageProcessor
+
+    from .processing_joint_encoder import JointEncoderProcessor
+
+    image_processor = None
+    if vision_checkpoint is not None:
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(vision_checkpoint, backend="pil")
+        except OSError:
+            logger.info("%s has no preprocessor_config.json: CLIP defaults at the tower's image size", vision_checkpoint)
+    return JointEncoderProcessor.from_model_config(model.config, tokenizer, image_processor=image_processor)
+
+
+__all__ = [
+    "attach_vision_tower",
+    "load_vision_tower",
+    "processor_for_tower",
+    "tiny_clip_vision_config",
+    "tiny_siglip_vision_config",
+]
