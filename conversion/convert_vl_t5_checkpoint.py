@@ -278,19 +278,24 @@ def self_check(
     config_json = json.loads((Path(model_dir) / "config.json").read_text())
     if "AutoModel" not in config_json.get("auto_map", {}):
         raise ConversionError("config.json has no auto_map.AutoModel: the directory would not load with remote code")
-    model = JointEncoderModel.from_pretrained(model_dir, attn_implementation="eager").float().eval()
-    config = model.config
-    input_ids, feats, boxes = _random_inputs(config, max_text_id or config.vocab_size)
-    checks = []
-    ours = model(input_ids=input_ids, visual_feats=feats, visual_pos=boxes).last_hidden_state
-    reference = encoder_forward(original_state, hp, input_ids=input_ids, visual_feats=feats, visual_pos=boxes)
-    checks.append(SelfCheck("text + visual tokens", float((ours - reference).abs().max()), tolerance))
+    input_ids = feats = boxes = None
+    joint_diff = text_diff = 0.0
+    for implementation in ("sdpa", "eager"):  # both attention paths a user may load
+        model = JointEncoderModel.from_pretrained(model_dir, attn_implementation=implementation).float().eval()
+        if input_ids is None:
+            input_ids, feats, boxes = _random_inputs(model.config, max_text_id or model.config.vocab_size)
+            reference = encoder_forward(original_state, hp, input_ids=input_ids, visual_feats=feats, visual_pos=boxes)
+            text_reference = (
+                encoder_forward(text_only_state, hp, input_ids=input_ids) if text_only_state is not None else None
+            )
+        ours = model(input_ids=input_ids, visual_feats=feats, visual_pos=boxes).last_hidden_state  # (B, L + V, d)
+        joint_diff = max(joint_diff, float((ours - reference).abs().max()))
+        if text_reference is not None:
+            ours = model(input_ids=input_ids).last_hidden_state  # (B, L, d)
+            text_diff = max(text_diff, float((ours - text_reference).abs().max()))
+    checks = [SelfCheck("text + visual tokens, sdpa and eager attention", joint_diff, tolerance)]
     if text_only_state is not None:
-        ours = model(input_ids=input_ids).last_hidden_state
-        reference = encoder_forward(text_only_state, hp, input_ids=input_ids)
-        checks.append(
-            SelfCheck("text only, against the original T5 weights", float((ours - reference).abs().max()), tolerance)
-        )
+        checks.append(SelfCheck("text only, against the original T5 weights", text_diff, tolerance))
     for check in checks:
         logger.info(f"self-check ({check.name}): max abs diff {check.max_abs_diff:.3g} (tolerance {tolerance:g})")
         if not check.max_abs_diff <= tolerance:  # also catches NaN

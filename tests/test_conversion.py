@@ -259,7 +259,8 @@ def test_vl_adapter_conversion_matches_the_reference(tmp_path, downsample):
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
 
 
-def test_t5_initialisation_equals_t5_encoder_on_text(tmp_path):
+@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"])  # T5, T5 v1.1
+def test_t5_initialisation_equals_t5_encoder_on_text(tmp_path, feed_forward_proj):
     from transformers import AutoTokenizer, T5Config, T5EncoderModel, T5ForConditionalGeneration
 
     from vl_joint_encoder.tokenization import train_vl_t5_tokenizer
@@ -280,6 +281,8 @@ def test_t5_initialisation_equals_t5_encoder_on_text(tmp_path):
         relative_attention_num_buckets=8,
         relative_attention_max_distance=20,
         dropout_rate=0.0,
+        feed_forward_proj=feed_forward_proj,
+        tie_word_embeddings=feed_forward_proj == "relu",  # T5 v1.1 unties lm_head
     )
     torch.manual_seed(3)
     t5 = randomize_(T5ForConditionalGeneration(t5_config), seed=3)
@@ -291,7 +294,7 @@ def test_t5_initialisation_equals_t5_encoder_on_text(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert model.config.vocab_size == len(tokenizer) == num_tokens + 100
     assert [tokenizer.convert_tokens_to_ids(f"<vis_extra_id_{k}>") for k in (0, 99)] == [num_tokens + 99, num_tokens]
-    assert model.config.feat_dim == 20
+    assert model.config.feat_dim == 20 and model.config.feed_forward_proj == feed_forward_proj
     reference = T5EncoderModel.from_pretrained(tmp_path / "t5").eval()
     batch = tokenizer(
         ["a photo of the lazy fox", "the eiffel tower at night in paris"], return_tensors="pt", padding=True
@@ -321,7 +324,9 @@ def test_self_check_fails_above_tolerance_and_leaves_nothing(tmp_path):
     wrong["encoder.block.1.layer.1.DenseReluDense.wo.weight"] = (
         wrong["encoder.block.1.layer.1.DenseReluDense.wo.weight"] * 1.01
     )
-    with pytest.raises(ConversionError, match=r"self-check failed \(text \+ visual tokens\).* > 1e-05"):
+    with pytest.raises(
+        ConversionError, match=r"self-check failed \(text \+ visual tokens, sdpa and eager attention\).* > 1e-05"
+    ):
         self_check(tmp_path / "good", wrong, hp)
     with pytest.raises(ConversionError, match="self-check failed"):
         convert(tmp_path / "Epoch30.pth", tmp_path / "out", tolerance=-1.0)
@@ -423,6 +428,6 @@ def test_existing_output_directory_needs_overwrite_and_cli_reports(tmp_path, cap
     assert main(argv + ["--overwrite"]) == 0
     out = capsys.readouterr()
     assert "source: vl-t5 (detected from the keys)" in out.out and "keys: kept 26, ignored 4, tied 4" in out.out
-    assert "self-check (text + visual tokens): max abs diff" in out.out
+    assert "self-check (text + visual tokens, sdpa and eager attention): max abs diff" in out.out
     assert "no --tokenizer given" in out.err
     assert "notes.txt" not in os.listdir(tmp_path / "out") and not leftovers(tmp_path)

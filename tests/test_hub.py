@@ -1,5 +1,6 @@
 """End to end: the conversion CLI pushes to a local Hub server for real, then a process that cannot import
-vl_joint_encoder loads the model (remote code) and the tokenizer back from that server by repo id."""
+vl_joint_encoder loads the model (remote code) and the tokenizer back from that server by repo id, and the
+local output directory too."""
 
 import json
 import subprocess
@@ -39,7 +40,8 @@ def test_cli_pushes_to_the_hub_and_the_model_loads_back(tmp_path, hub_server):  
     ]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "source: vl-t5 (detected from the keys)" in run.stdout and f"pushed: {hub_server.url}/{REPO_ID}" in run.stdout
+    assert "source: vl-t5 (detected from the keys)" in run.stdout
+    assert f"pushed: {hub_server.url}/{REPO_ID}" in run.stdout
 
     # one commit holding model, code, tokenizer and card; the weights went through LFS
     repo = hub_server.repos[REPO_ID]
@@ -73,6 +75,10 @@ def test_cli_pushes_to_the_hub_and_the_model_loads_back(tmp_path, hub_server):  
         batch = torch.load({str(tmp_path / "batch.pt")!r}, weights_only=True)
         with torch.no_grad():
             hidden = model(**batch).last_hidden_state
+        local = AutoModel.from_pretrained({str(tmp_path / "out")!r}, trust_remote_code=True).eval()
+        assert type(local).__module__.startswith("transformers_modules"), type(local).__module__
+        with torch.no_grad():
+            assert torch.equal(local(**batch).last_hidden_state, hidden)
         torch.save({{"state": model.state_dict(), "hidden": hidden}}, {str(tmp_path / "pulled.pt")!r})
         print("VIS0", tokenizer.convert_tokens_to_ids("<vis_extra_id_0>"), "LEN", len(tokenizer))
         """
