@@ -431,3 +431,17 @@ def test_existing_output_directory_needs_overwrite_and_cli_reports(tmp_path, cap
     assert "self-check (text + visual tokens, sdpa and eager attention): max abs diff" in out.out
     assert "no --tokenizer given" in out.err
     assert "notes.txt" not in os.listdir(tmp_path / "out") and not leftovers(tmp_path)
+
+
+def test_tokenizer_that_does_not_fit_the_embedding_is_refused(tmp_path):
+    from vl_joint_encoder.tokenization import train_vl_t5_tokenizer
+
+    base = train_vl_t5_tokenizer(["a photo of a bridge over a river"] * 10, vocab_size=40, n_vis=0)
+    base.save_pretrained(tmp_path / "t5-tokenizer")
+    state, _, _ = original_checkpoint(seed=9)  # vocabulary of 99 rows
+    torch.save(state, tmp_path / "Epoch30.pth")
+    with pytest.raises(
+        ConversionError, match=rf"has {len(base) + 100} tokens but the checkpoint's embedding has 99 rows"
+    ):
+        convert(tmp_path / "Epoch30.pth", tmp_path / "out", tokenizer=str(tmp_path / "t5-tokenizer"))
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
