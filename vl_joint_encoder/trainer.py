@@ -77,10 +77,11 @@ class JointEncoderTrainingArguments(TrainingArguments):
             raise ValueError(f"similarity must be 'dot' or 'cosine', got {self.similarity!r}")
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False: the collator reads the query columns itself")
-        if self.n_hard_negatives == 0 and self.per_device_train_batch_size < 2 and self.world_size < 2:
+        shares_negatives = self.world_size > 1 and self.gather_across_processes is not False
+        if self.n_hard_negatives == 0 and self.per_device_train_batch_size < 2 and not shares_negatives:
             raise ValueError(
-                "per_device_train_batch_size=1 with n_hard_negatives=0 leaves each query with no negative at all: "
-                "raise the batch size or add hard negatives"
+                "per_device_train_batch_size=1 with n_hard_negatives=0 (and no negatives shared across processes) "
+                "leaves each query with no negative at all: raise the batch size or add hard negatives"
             )
 
 
@@ -177,6 +178,13 @@ class JointEncoderTrainer(Trainer):
                 use_passage_images=args.use_passage_images,
             )
             train_dataset = self.prepared_data.queries
+            global_batch = args.per_device_train_batch_size * args.world_size
+            if len(train_dataset) < global_batch:
+                raise ValueError(
+                    f"{len(train_dataset)} training queries but one global batch takes {global_batch} "
+                    f"({args.world_size} process(es) x per_device_train_batch_size {args.per_device_train_batch_size}): "
+                    f"lower the batch size or the number of processes"
+                )
         self.evaluator = evaluator
         if evaluator is not None and eval_dataset is None:
             eval_dataset = ["retrieval evaluator"]  # Trainer wants an eval set for eval_strategy; evaluate() ignores it

@@ -1,0 +1,112 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import tiny_config_kwargs
+from synthetic_retrieval import all_texts, make_task
+from transformers import AutoModel
+
+from vl_joint_encoder import JointEncoderConfig, JointEncoderModel
+from vl_joint_encoder.tokenization import train_vl_t5_tokenizer
+from vl_joint_encoder.train import main
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A saved tiny model + tokenizer, queries/KB as JSONL and Parquet, features as .npz."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("cli")
+    queries, kb, store = make_task(n_entities=4)
+    tokenizer = train_vl_t5_tokenizer(all_texts(queries, kb), vocab_size=80)
+    torch.manual_seed(0)
+    model = JointEncoderModel(JointEncoderConfig(**tiny_config_kwargs(vocab_size=len(tokenizer))))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    with open(root / "queries.jsonl", "w") as f:
+        f.writelines(json.dumps(q) + "\n" for q in queries)
+    datasets.Dataset.from_list(kb).to_parquet(str(root / "kb.parquet"))
+    np.savez(root / "features.npz", **store)
+    return root
+
+
+def config(workdir, out, **overrides):
+    cfg = {
+        "model_name_or_path": str(workdir / "model"),
+        "train_queries": [str(workdir / "queries.jsonl")],
+        "kb": [str(workdir / "kb.parquet")],
+        "feature_store": str(workdir / "features.npz"),
+        "output_dir": str(out),
+        "use_cpu": True,
+        "per_device_train_batch_size": 4,
+        "max_steps": 3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        "learning_rate": 1e-3,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def test_yaml_config_trains_and_saves_a_loadable_model(workdir, tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config(workdir, tmp_path / "out")))
+    assert main([str(path)]) == 0
+    out = tmp_path / "out"
+    state = json.loads((out / "train_results.json").read_text())
+    assert state["train_loss"] > 0
+    loaded = AutoModel.from_pretrained(out, trust_remote_code=True)
+    original = AutoModel.from_pretrained(workdir / "model", trust_remote_code=True)
+    assert not torch.equal(loaded.shared.weight, original.shared.weight)
+    assert "vl-joint-encoder" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"similarity": "dot"}, "similarity='dot' in the arguments but the model config says 'cosine'"),
+        ({"per_device_train_batch_size": 64}, "16 training queries but one global batch takes 64"),
+        ({"columns": "viquae"}, "question='input'"),
+        ({"feature_store": None}, "does not exist: check image_root (None)"),
+    ],
+)
+def test_bad_inputs_exit_with_a_message(workdir, tmp_path, capsys, overrides, message):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(config(workdir, tmp_path / "out", **overrides)))
+    assert main([str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_kb_ids_are_listed(workdir, tmp_path, capsys):
+    rows = [json.loads(line) for line in open(workdir / "queries.jsonl")]
+    rows[0]["positive_ids"] = ["no-such-passage"]
+    with open(tmp_path / "q.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    args = ["--model_name_or_path", str(workdir / "model"), "--train_queries", str(tmp_path / "q.jsonl"),
+            "--kb", str(workdir / "kb.parquet"), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"]
+    assert main(args) == 2
+    assert "'q_0_born'->'no-such-passage'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch_on_cpu(workdir, tmp_path):
+    """A real 2-process DDP run (gloo): the global batch is 2 x 4 queries and negatives are shared."""
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(config(workdir, tmp_path / "out", log_level="info")))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "vl_joint_encoder.train", str(path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 8" in result.stderr
+    state = json.loads((tmp_path / "out" / "train_results.json").read_text())
+    assert state["train_loss"] > 0
+    assert "'loss'" in result.stdout + result.stderr  # the Trainer's log line, from the main process
