@@ -330,14 +330,16 @@ def vision_tokens(
     grid_pool_size: int | None = None,
     box_mode: str = "grid",
     dtype: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_pooled: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """
     Visual tokens of a frozen vision tower, as the joint encoder consumes them (the feature extractor calls this
     same function, so precomputed features equal the in-model ones): the hidden states of `feature_layer` (LLaVA's
     `vision_feature_layer`), without (`"patch"`) or with (`"cls_patch"`) the CLS token, optionally average-pooled
     to a `grid_pool_size`^2 grid, and each token's box (`"grid"`: its cell, CLS = whole image; `"zeros"`: VL-Adapter).
 
-    Returns `(tokens (N, V, C) float32, boxes (V, 4))`.
+    Returns `(tokens (N, V, C) float32, boxes (V, 4))`, and the tower's `pooler_output` (N, C) when `return_pooled`
+    (CLIP: post-layernorm CLS; SigLIP: attention-pooled head).
     """
     if dtype is not None:
         wanted = getattr(torch, dtype)
@@ -366,6 +368,8 @@ def vision_tokens(
         boxes = torch.cat([boxes.new_tensor([[0.0, 0.0, 1.0, 1.0]]), boxes], dim=0)  # CLS covers the whole image
     if box_mode == "zeros":
         boxes = torch.zeros_like(boxes)
+    if return_pooled:
+        return patches.float(), boxes, outputs.pooler_output.float()
     return patches.float(), boxes
 
 

@@ -32,6 +32,17 @@ def default_image_processor(**kwargs):
     return CLIPImageProcessorPil(**kwargs)
 
 
+def image_processor_for_config(config):
+    """The default image processor (PIL backend) for a joint encoder config's vision tower, at its image size."""
+    vision_config = config.vision_config
+    size = vision_config.image_size
+    if vision_config.model_type.startswith("siglip"):
+        from transformers import SiglipImageProcessorPil  # SigLIP: plain resize to a square, mean = std = 0.5
+
+        return SiglipImageProcessorPil(size={"height": size, "width": size})
+    return default_image_processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
 def _as_array(value: Any, what: str) -> np.ndarray:
     if hasattr(value, "detach"):  # torch tensor
         value = value.detach().float().cpu().numpy()
@@ -322,17 +333,8 @@ class JointEncoderProcessor(ProcessorMixin):
     @classmethod
     def from_model_config(cls, config, tokenizer, image_processor=None, **kwargs) -> JointEncoderProcessor:
         """A processor whose checks match `config` (feat_dim, n_images) and, with a vision tower, its image size."""
-        vision_config = getattr(config, "vision_config", None)
-        if image_processor is None and vision_config is not None:
-            size = vision_config.image_size
-            if vision_config.model_type.startswith("siglip"):
-                from transformers import SiglipImageProcessorPil  # SigLIP: plain resize to a square, mean = std = 0.5
-
-                image_processor = SiglipImageProcessorPil(size={"height": size, "width": size})
-            else:
-                image_processor = default_image_processor(
-                    size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-                )
+        if image_processor is None and getattr(config, "vision_config", None) is not None:
+            image_processor = image_processor_for_config(config)
         return cls(image_processor, tokenizer, feat_dim=config.feat_dim, n_images=config.n_images, **kwargs)
 
 
@@ -340,4 +342,4 @@ def _is_pil(image: Any) -> bool:
     return hasattr(image, "mode") and hasattr(image, "convert")
 
 
-__all__ = ["JointEncoderProcessor", "normalize_boxes", "default_image_processor"]
+__all__ = ["JointEncoderProcessor", "default_image_processor", "image_processor_for_config", "normalize_boxes"]

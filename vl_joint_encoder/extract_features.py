@@ -1,0 +1,388 @@
+"""`vl-joint-encoder extract-features`: CLIP (or SigLIP) grid + pooled features of a folder of images or a `datasets`
+image column, batched, resumable, written as safetensors shards or `datasets` Arrow shards keyed by image id.
+
+The grid features are computed by `modeling_joint_encoder.vision_tokens`, the function the model's own tower path
+calls, so `visual_feats` + `visual_pos` read back from the shards give the model the same embedding as `pixel_values`.
+
+Layout of the output folder:
+    manifest.json            extractor (checkpoint, tower class, vision config, feature options, image processor),
+                             shards written so far (file, ids), skipped images with reasons, `complete`
+    shard-00000.safetensors  visual_feats (N, V, C), visual_pos (N, V, 4), pooled (N, C); ids in the metadata
+    (or shard-00000/         a `datasets.Dataset.save_to_disk` folder with columns id, visual_feats, visual_pos, pooled)
+
+Shard k always holds the images k*shard_size .. (k+1)*shard_size-1 of the sorted input (bad images skipped), and is
+written to a temporary name then renamed, so an interrupted run resumes where it stopped and gives the same files as
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .images import DEFAULT_MAX_PIXELS, ImageLoadError, list_image_files, load_image
+
+
+logger = logging.get_logger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+FEATURE_OPTIONS = ("feature_layer", "feature_select", "grid_pool_size", "box_mode", "dtype")
+
+
+def _write_json_atomic(path: str, payload: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def load_extractor(model: str, **options) -> tuple[torch.nn.Module, Any, dict]:
+    """
+    The frozen tower, its image processor (PIL backend) and a description of the extractor, from a joint encoder
+    with a tower (its own feature options are used; explicit conflicting options are an error) or a CLIP / SigLIP
+    checkpoint (options default to last layer, patch tokens, no pooling, grid boxes, float32).
+    """
+    from transformers import AutoConfig, AutoImageProcessor
+
+    from . import JointEncoderModel, JointEncoderProcessor
+    from .processing_joint_encoder import image_processor_for_config
+    from .vision import load_vision_tower
+
+    config = AutoConfig.from_pretrained(model)
+    if config.model_type == "vl_joint_encoder":
+        if config.vision_config is None:
+            raise ValueError(f"{model} is a joint encoder without a vision tower: give a CLIP checkpoint instead")
+        from_config = {
+            "feature_layer": config.vision_feature_layer,
+            "feature_select": config.vision_feature_select,
+            "grid_pool_size": config.vision_grid_pool_size,
+            "box_mode": config.vision_box_mode,
+            "dtype": config.vision_tower_dtype,
+        }
+        conflicts = {k: v for k, v in options.items() if v is not None and v != from_config[k]}
+        if conflicts:
+            raise ValueError(
+                f"{model} extracts with {from_config}; the options {conflicts} differ, and features extracted with "
+                f"them would not match what the model computes from pixels: drop them"
+            )
+        tower = JointEncoderModel.from_pretrained(model).vision_model
+        try:
+            image_processor = JointEncoderProcessor.from_pretrained(model).image_processor
+        except (OSError, ValueError):
+            image_processor = image_processor_for_config(config)
+        resolved = from_config
+    else:
+        tower = load_vision_tower(model)
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(model, backend="pil")
+        except OSError:
+            raise ValueError(f"{model} has no preprocessor_config.json: the image preprocessing is unknown") from None
+        defaults = {"feature_layer": -1, "feature_select": "patch", "grid_pool_size": None, "box_mode": "grid",
+                    "dtype": None}
+        resolved = {k: (options.get(k) if options.get(k) is not None else v) for k, v in defaults.items()}
+    info = {
+        "checkpoint": str(model),
+        "tower_class": type(tower).__name__,
+        "vision_config": tower.config.to_diff_dict(),
+        "image_processor": image_processor.to_dict(),
+        **resolved,
+    }
+    for key in ("_name_or_path", "transformers_version"):
+        info["vision_config"].pop(key, None)
+    info["image_processor"].pop("auto_map", None)
+    return tower.eval(), image_processor, info
+
+
+def _folder_items(folder: str) -> list[tuple[str, Any]]:
+    files = list_image_files(folder)
+    if not files:
+        raise ValueError(f"no image file found under {folder!r}")
+    items, seen = [], {}
+    for path in files:
+        image_id = os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, "/")
+        if image_id in seen:
+            raise ValueError(f"{seen[image_id]!r} and {path!r} give the same image id {image_id!r}: rename one")
+        seen[image_id] = path
+        items.append((image_id, path))
+    return items
+
+
+def _dataset_items(dataset, image_column: str, id_column: str | None) -> list[tuple[str, Any]]:
+    if image_column not in dataset.column_names:
+        raise ValueError(f"the dataset has no column {image_column!r} (columns: {dataset.column_names})")
+    if id_column is not None and id_column not in dataset.column_names:
+        raise ValueError(f"the dataset has no id column {id_column!r} (columns: {dataset.column_names})")
+    ids = [str(i) for i in dataset[id_column]] if id_column else [str(i) for i in range(len(dataset))]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"the id column {id_column!r} has duplicate ids: image ids must be unique")
+    return [(image_id, (dataset, row, image_column)) for row, image_id in enumerate(ids)]
+
+
+def _open(source: Any, max_pixels: int | None):
+    if isinstance(source, tuple):  # (dataset, row, column): decode lazily, one row at a time
+        dataset, row, column = source
+        source = dataset[row][column]
+        if isinstance(source, dict):
+            source = source.get("bytes") or source.get("path")
+    return load_image(source, max_pixels=max_pixels)
+
+
+def _write_shard(output_dir: str, name: str, output_format: str, ids: list[str], arrays: dict[str, np.ndarray]):
+    final = os.path.join(output_dir, name)
+    tmp = final + ".tmp"
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    if output_format == "safetensors":
+        from safetensors.numpy import save_file
+
+        save_file(arrays, tmp, metadata={"ids": json.dumps(ids)})
+    else:
+        from datasets import Array2D, Dataset, Features, List, Value
+
+        num_tokens, dim = arrays["visual_feats"].shape[1:]
+        features = Features({
+            "id": Value("string"),
+            "visual_feats": Array2D((num_tokens, dim), "float32"),
+            "visual_pos": Array2D((num_tokens, 4), "float32"),
+            "pooled": List(Value("float32"), length=arrays["pooled"].shape[1]),
+        })
+        columns = {"id": ids, **{k: list(v) for k, v in arrays.items()}}
+        Dataset.from_dict(columns, features=features).save_to_disk(tmp)
+    os.replace(tmp, final)
+
+
+def extract_features(
+    source: str | Any,
+    output_dir: str,
+    model: str,
+    image_column: str = "image",
+    id_column: str | None = None,
+    batch_size: int = 16,
+    shard_size: int = 512,
+    output_format: str = "safetensors",
+    on_error: str = "raise",
+    device: str = "cpu",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_shards: int | None = None,
+    overwrite: bool = False,
+    **options,
+) -> dict:
+    """
+    Extract grid + pooled features of `source` (an image folder or a `datasets.Dataset` with `image_column`) into
+    `output_dir`; see the module docstring for the layout. Resumes a previous run into the same folder (same extractor
+    required). `max_shards` stops after writing that many new shards (work in chunks); `on_error="skip"` skips
+    unreadable images and lists them in the manifest. Options: feature_layer, feature_select, grid_pool_size,
+    box_mode, dtype (see `JointEncoderConfig.vision_*`). Returns the manifest.
+    """
+    from .modeling_joint_encoder import vision_tokens
+
+    if output_format not in ("safetensors", "arrow"):
+        raise ValueError(f"output_format must be 'safetensors' or 'arrow', got {output_format!r}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError("batch_size and shard_size must be positive")
+    unknown = set(options) - set(FEATURE_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown options {sorted(unknown)}; feature options are {FEATURE_OPTIONS}")
+    items = _folder_items(source) if isinstance(source, (str, os.PathLike)) else _dataset_items(
+        source, image_column, id_column
+    )
+    tower, image_processor, extractor = load_extractor(model, **options)
+    tower.to(device)
+    manifest_path = os.path.join(output_dir, MANIFEST)
+    settings = {"extractor": extractor, "format": output_format, "shard_size": shard_size,
+                "num_images": len(items), "format_version": FORMAT_VERSION}
+    if os.path.exists(manifest_path) and overwrite:
+        shutil.rmtree(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as handle:
+            manifest = json.load(handle)
+        previous = {k: manifest.get(k) for k in settings}
+        if json.loads(json.dumps(settings)) != previous:
+            changed = sorted(k for k in settings if json.loads(json.dumps(settings[k])) != previous[k])
+            raise ValueError(
+                f"{output_dir} holds features of another extraction (differs in {changed}): use another output "
+                f"folder, or overwrite=True (--overwrite) to start again"
+            )
+    else:
+        manifest = {**settings, "shards": [], "failures": [], "complete": False}
+        _write_json_atomic(manifest_path, manifest)
+
+    done = {shard["index"] for shard in manifest["shards"]
+            if shard["file"] is None or os.path.exists(os.path.join(output_dir, shard["file"]))}
+    manifest["shards"] = [shard for shard in manifest["shards"] if shard["index"] in done]
+    num_shards = (len(items) + shard_size - 1) // shard_size
+    written = 0
+    extension = ".safetensors" if output_format == "safetensors" else ""
+    progress = tqdm(total=len(items), desc="extract-features", unit="img")
+    for k in range(num_shards):
+        shard_items = items[k * shard_size:(k + 1) * shard_size]
+        name = f"shard-{k:05d}{extension}"
+        if k in done:
+            progress.update(len(shard_items))
+            continue
+        if max_shards is not None and written >= max_shards:
+            break
+        ids, failures, feats, pooled, boxes = [], [], [], [], None
+        for start in range(0, len(shard_items), batch_size):
+            batch_ids, images = [], []
+            for image_id, item in shard_items[start:start + batch_size]:
+                try:
+                    images.append(_open(item, max_pixels))
+                    batch_ids.append(image_id)
+                except ImageLoadError as error:
+                    if on_error == "raise":
+                        raise
+                    failures.append({"id": image_id, "reason": str(error)})
+            progress.update(len(shard_items[start:start + batch_size]))
+            if not images:
+                continue
+            pixel_values = torch.from_numpy(
+                np.asarray(image_processor(images=images, return_tensors="np")["pixel_values"], dtype=np.float32)
+            ).to(device)  # (n, 3, H, W)
+            tokens, boxes, pooled_batch = vision_tokens(
+                tower, pixel_values, extractor["feature_layer"], extractor["feature_select"],
+                extractor["grid_pool_size"], extractor["box_mode"], extractor["dtype"], return_pooled=True,
+            )  # (n, V, C), (V, 4), (n, C)
+            ids += batch_ids
+            feats.append(tokens.cpu().numpy())
+            pooled.append(pooled_batch.cpu().numpy())
+        if ids:
+            grid = np.concatenate(feats)  # (N, V, C)
+            arrays = {
+                "visual_feats": grid,
+                "visual_pos": np.broadcast_to(boxes.cpu().numpy(), (len(ids), *boxes.shape)).copy(),  # (N, V, 4)
+                "pooled": np.concatenate(pooled),  # (N, C)
+            }
+            _write_shard(output_dir, name, output_format, ids, arrays)
+        manifest["shards"].append({"file": name if ids else None, "index": k, "ids": ids})
+        manifest["failures"] += failures
+        _write_json_atomic(manifest_path, manifest)
+        written += 1
+    progress.close()
+    manifest["shards"] = sorted(manifest["shards"], key=lambda shard: shard["index"])
+    manifest["complete"] = len({shard["index"] for shard in manifest["shards"]}) == num_shards
+    _write_json_atomic(manifest_path, manifest)
+    if manifest["failures"]:
+        logger.warning("%d image(s) skipped, listed in %s", len(manifest["failures"]), manifest_path)
+    return manifest
+
+
+class FeatureStore:
+    """Read extracted features: `store[image_id]` -> dict visual_feats (V, C), visual_pos (V, 4), pooled (C,)."""
+
+    def __init__(self, output_dir: str):
+        path = os.path.join(output_dir, MANIFEST)
+        if not os.path.exists(path):
+            raise ValueError(f"{output_dir} has no {MANIFEST}: not an extract-features output folder")
+        with open(path) as handle:
+            self.manifest = json.load(handle)
+        if not self.manifest["complete"]:
+            logger.warning("%s: the extraction is not complete (resume it to add the missing shards)", output_dir)
+        self.output_dir = output_dir
+        self.index = {image_id: (shard["file"], row) for shard in self.manifest["shards"] if shard["file"]
+                      for row, image_id in enumerate(shard["ids"])}
+        self._open: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.index
+
+    def keys(self) -> list[str]:
+        return list(self.index)
+
+    def __getitem__(self, image_id: str) -> dict[str, np.ndarray]:
+        if image_id not in self.index:
+            raise KeyError(f"image id {image_id!r} is not in {self.output_dir} ({len(self)} images)")
+        name, row = self.index[image_id]
+        if name not in self._open:
+            path = os.path.join(self.output_dir, name)
+            if self.manifest["format"] == "safetensors":
+                from safetensors.numpy import load_file
+
+                self._open[name] = load_file(path)
+            else:
+                from datasets import load_from_disk
+
+                self._open[name] = load_from_disk(path).with_format("numpy")
+        shard = self._open[name]
+        if self.manifest["format"] == "safetensors":
+            return {key: shard[key][row] for key in ("visual_feats", "visual_pos", "pooled")}
+        record = shard[row]
+        return {key: np.asarray(record[key], dtype=np.float32) for key in ("visual_feats", "visual_pos", "pooled")}
+
+
+__all__ = ["FeatureStore", "extract_features", "load_extractor", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vl-joint-encoder extract-features", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="folder of images (recursive); ids are relative paths without extension")
+    source.add_argument("--dataset", help="a datasets folder (save_to_disk) with an image column")
+    parser.add_argument("--split", help="split of a DatasetDict")
+    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--id-column", help="column of image ids (default: the row number)")
+    parser.add_argument("--model", required=True, help="joint encoder with a tower, or CLIP/SigLIP checkpoint")
+    parser.add_argument("--output", required=True, help="output folder (resumed if it holds a previous run)")
+    parser.add_argument("--format", choices=("safetensors", "arrow"), default="safetensors")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--shard-size", type=int, default=512)
+    parser.add_argument("--feature-layer", type=int)
+    parser.add_argument("--feature-select", choices=("patch", "cls_patch"))
+    parser.add_argument("--grid-pool-size", type=int)
+    parser.add_argument("--box-mode", choices=("grid", "zeros"))
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (listed in manifest)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    parser.add_argument("--max-shards", type=int, help="stop after writing this many new shards")
+    parser.add_argument("--overwrite", action="store_true", help="discard a previous run in --output")
+    args = parser.parse_args(argv)
+    try:
+        if args.dataset:
+            from datasets import DatasetDict, load_from_disk
+
+            source = load_from_disk(args.dataset)
+            if isinstance(source, DatasetDict):
+                if args.split not in source:
+                    raise ValueError(f"--split must be one of {list(source)} for {args.dataset}")
+                source = source[args.split]
+        else:
+            source = args.images
+        manifest = extract_features(
+            source, args.output, args.model, image_column=args.image_column, id_column=args.id_column,
+            batch_size=args.batch_size, shard_size=args.shard_size, output_format=args.format,
+            on_error="skip" if args.skip_bad_images else "raise", device=args.device, max_pixels=args.max_pixels,
+            max_shards=args.max_shards, overwrite=args.overwrite, feature_layer=args.feature_layer,
+            feature_select=args.feature_select, grid_pool_size=args.grid_pool_size, box_mode=args.box_mode,
+            dtype=args.dtype,
+        )
+    except (ValueError, OSError) as error:
+        print(f"vl-joint-encoder extract-features: error: {error}", file=sys.stderr)
+        return 2
+    count = sum(len(shard["ids"]) for shard in manifest["shards"])
+    state = "complete" if manifest["complete"] else "partial (run again to resume)"
+    print(f"{count} images in {len(manifest['shards'])} shards -> {args.output} [{state}]")
+    for failure in manifest["failures"]:
+        print(f"skipped {failure['id']}: {failure['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
