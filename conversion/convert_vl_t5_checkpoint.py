@@ -53,7 +53,8 @@ from vl_joint_encoder.configuration_joint_encoder import POOLING_MODES, SIMILARI
 
 logger = logging.get_logger(__name__)
 
-DEFAULT_TOLERANCE = 1e-5
+DEFAULT_TOLERANCE = 1e-5  # float64 comparison: conversion errors only
+FLOAT32_TOLERANCE = 1e-3  # float32 comparison: rounding over many layers, see self_check
 N_VIS_IDS = 100  # <vis_extra_id_0..99>
 MODEL_CARD_TEMPLATE = "converted_model_card"
 PROJECT_URL = "https://github.com/vl-joint-encoder/vl-joint-encoder"
@@ -269,39 +270,56 @@ def self_check(
     tolerance: float = DEFAULT_TOLERANCE,
     text_only_state: dict[str, torch.Tensor] | None = None,
     max_text_id: int | None = None,
+    float32_tolerance: float = FLOAT32_TOLERANCE,
 ) -> list[SelfCheck]:
     """
     Reload `model_dir` from disk and compare its `last_hidden_state` with `encoder_forward(original_state)` on random
-    text + visual inputs (and text only on `text_only_state`, the untouched T5 weights, when given). Raises
-    ConversionError above `tolerance`.
+    text + visual inputs (and text only on `text_only_state`, the untouched T5 weights, when given).
+
+    The exactness check runs in float64 (model and reference cast), against `tolerance`: it isolates conversion
+    errors from rounding. fp32 rounding alone reaches ~6e-5 at t5-small scale (measured: our fp32 output and a fp32
+    run of the reference both differ from the float64 result by that much), so the fp32 comparison (sdpa and eager
+    attention) is held to `float32_tolerance`. Raises ConversionError when either is exceeded.
     """
     config_json = json.loads((Path(model_dir) / "config.json").read_text())
     if "AutoModel" not in config_json.get("auto_map", {}):
         raise ConversionError("config.json has no auto_map.AutoModel: the directory would not load with remote code")
-    input_ids = feats = boxes = None
-    joint_diff = text_diff = 0.0
+    model = JointEncoderModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+    input_ids, feats, boxes = _random_inputs(model.config, max_text_id or model.config.vocab_size)
+
+    def double(state):
+        return {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
+
+    reference = encoder_forward(double(original_state), hp, input_ids, None, feats.double(), boxes.double())
+    model.double()
+    ours = model(input_ids=input_ids, visual_feats=feats.double(), visual_pos=boxes.double()).last_hidden_state
+    checks = [SelfCheck("float64, text + visual tokens", float((ours - reference).abs().max()), tolerance)]
+    if text_only_state is not None:
+        text_reference = encoder_forward(double(text_only_state), hp, input_ids=input_ids)
+        ours = model(input_ids=input_ids).last_hidden_state  # (B, L, d)
+        checks.append(
+            SelfCheck(
+                "float64, text only, against the original T5 weights",
+                float((ours - text_reference).abs().max()),
+                tolerance,
+            )  # fmt: skip
+        )
+    reference32 = encoder_forward(original_state, hp, input_ids=input_ids, visual_feats=feats, visual_pos=boxes)
+    float32_diff = 0.0
     for implementation in ("sdpa", "eager"):  # both attention paths a user may load
         model = JointEncoderModel.from_pretrained(model_dir, attn_implementation=implementation).float().eval()
-        if input_ids is None:
-            input_ids, feats, boxes = _random_inputs(model.config, max_text_id or model.config.vocab_size)
-            reference = encoder_forward(original_state, hp, input_ids=input_ids, visual_feats=feats, visual_pos=boxes)
-            text_reference = (
-                encoder_forward(text_only_state, hp, input_ids=input_ids) if text_only_state is not None else None
-            )
         ours = model(input_ids=input_ids, visual_feats=feats, visual_pos=boxes).last_hidden_state  # (B, L + V, d)
-        joint_diff = max(joint_diff, float((ours - reference).abs().max()))
-        if text_reference is not None:
-            ours = model(input_ids=input_ids).last_hidden_state  # (B, L, d)
-            text_diff = max(text_diff, float((ours - text_reference).abs().max()))
-    checks = [SelfCheck("text + visual tokens, sdpa and eager attention", joint_diff, tolerance)]
-    if text_only_state is not None:
-        checks.append(SelfCheck("text only, against the original T5 weights", text_diff, tolerance))
+        float32_diff = max(float32_diff, float((ours - reference32).abs().max()))
+    checks.append(SelfCheck("float32 (sdpa and eager attention), text + visual tokens", float32_diff,
+                            float32_tolerance))  # fmt: skip
     for check in checks:
-        logger.info(f"self-check ({check.name}): max abs diff {check.max_abs_diff:.3g} (tolerance {tolerance:g})")
-        if not check.max_abs_diff <= tolerance:  # also catches NaN
+        logger.info(
+            f"self-check ({check.name}): max abs diff {check.max_abs_diff:.3g} (tolerance {check.tolerance:g})"
+        )
+        if not check.max_abs_diff <= check.tolerance:  # also catches NaN
             raise ConversionError(
                 f"self-check failed ({check.name}): the converted model differs from the original computation by "
-                f"{check.max_abs_diff:.3g} > {tolerance:g}; the output directory was not written"
+                f"{check.max_abs_diff:.3g} > {check.tolerance:g}; the output directory was not written"
             )
     return checks
 
@@ -650,7 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pooling", choices=POOLING_MODES, default="mean")
     parser.add_argument("--projection-dim", type=int)
     parser.add_argument("--similarity", choices=SIMILARITIES, default="cosine")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="self-check max abs difference")
+    parser.add_argument(
+        "--tolerance", type=float, default=DEFAULT_TOLERANCE, help="self-check max abs difference (float64 comparison)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights that are freshly initialised")
     parser.add_argument("--push-to-hub", metavar="REPO_ID")

@@ -31,6 +31,7 @@ class EncoderHyperParameters:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # the variance is computed in fp32 whatever the input dtype, as in the original T5LayerNorm
     return weight * (x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps))
 
 
@@ -149,7 +150,8 @@ def encoder_forward(
             _linear(x, state, f"{p}0.SelfAttention.{name}.").view(batch, total, hp.num_heads, -1) for name in "qkv"
         )  # (B, T, H, d_kv)
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) + bias  # no 1/sqrt(d_kv) in T5
-        context = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(batch, total, -1)
+        probs = scores.float().softmax(-1).type_as(scores)  # softmax in fp32, as the original
+        context = torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, total, -1)
         out = _linear(context, state, p + "0.SelfAttention.o.")
         if hp.adapter_task is not None:
             out = _adapter(state, f"{p}0.attn_adapter.adapters.{hp.adapter_task}.", out)

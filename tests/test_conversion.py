@@ -288,7 +288,7 @@ def test_t5_initialisation_equals_t5_encoder_on_text(tmp_path, feed_forward_proj
     t5 = randomize_(T5ForConditionalGeneration(t5_config), seed=3)
     t5.save_pretrained(tmp_path / "t5")
     result = convert(tmp_path / "t5", tmp_path / "out", tokenizer=str(tmp_path / "t5-tokenizer"), feat_dim=20)
-    assert result.source == "t5" and [c.max_abs_diff <= ATOL for c in result.self_checks] == [True, True]
+    assert result.source == "t5" and [c.max_abs_diff <= ATOL for c in result.self_checks] == [True, True, True]
 
     model = JointEncoderModel.from_pretrained(tmp_path / "out").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
@@ -324,9 +324,7 @@ def test_self_check_fails_above_tolerance_and_leaves_nothing(tmp_path):
     wrong["encoder.block.1.layer.1.DenseReluDense.wo.weight"] = (
         wrong["encoder.block.1.layer.1.DenseReluDense.wo.weight"] * 1.01
     )
-    with pytest.raises(
-        ConversionError, match=r"self-check failed \(text \+ visual tokens, sdpa and eager attention\).* > 1e-05"
-    ):
+    with pytest.raises(ConversionError, match=r"self-check failed \(float64, text \+ visual tokens\).* > 1e-05"):
         self_check(tmp_path / "good", wrong, hp)
     with pytest.raises(ConversionError, match="self-check failed"):
         convert(tmp_path / "Epoch30.pth", tmp_path / "out", tolerance=-1.0)
@@ -428,7 +426,7 @@ def test_existing_output_directory_needs_overwrite_and_cli_reports(tmp_path, cap
     assert main(argv + ["--overwrite"]) == 0
     out = capsys.readouterr()
     assert "source: vl-t5 (detected from the keys)" in out.out and "keys: kept 26, ignored 4, tied 4" in out.out
-    assert "self-check (text + visual tokens, sdpa and eager attention): max abs diff" in out.out
+    assert "self-check (float64, text + visual tokens): max abs diff" in out.out
     assert "no --tokenizer given" in out.err
     assert "notes.txt" not in os.listdir(tmp_path / "out") and not leftovers(tmp_path)
 
