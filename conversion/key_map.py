@@ -11,8 +11,8 @@ map itself is unit-tested.
 | `encoder.X` (blocks, visual embedding, final norm)                         | `X`                                |
 | `encoder.block.{i}.layer.0.attn_adapter.adapters.<task>.{down,up}_sampler.*` | `block.{i}.layer.0.adapter.*`    |
 | `encoder.block.{i}.layer.1.ff_adapter.adapters.<task>.{down,up}_sampler.*`   | `block.{i}.layer.1.adapter.*`    |
-| `encoder.embed_tokens.weight`, `encoder.visual_embedding.obj_order_embedding.weight` (same tensor)  | tied: `shared.weight` |
-| `decoder.embed_tokens.weight`, `lm_head.weight` (same tensor; an untied T5 v1.1 `lm_head` is ignored) | tied: `shared.weight` |
+| `encoder.embed_tokens.weight`, `encoder.visual_embedding.obj_order_embedding.weight` | tied to `shared.weight` |
+| `decoder.embed_tokens.weight`, `lm_head.weight` (an untied T5 v1.1 `lm_head`: ignored) | tied to `shared.weight` |
 | `decoder.*`, `lm_head.*`, `answer_head.*`, other tasks' adapters            | ignored                            |
 | VL-T5 legacy `vis_encoder.*`                                               | renamed `encoder.*` (VL-T5 only)   |
 """
