@@ -110,3 +110,39 @@ def test_feature_store_file(tmp_path):
     assert sorted(store) == ["ent", "other"]
     np.testing.assert_array_equal(store["ent"]["visual_pos"], pos)
     assert store["other"]["visual_pos"] is None
+
+
+def test_data_report_counts(tmp_path, capsys):
+    from vl_joint_encoder.data_report import data_report, main
+    from vl_joint_encoder.tokenization import train_vl_t5_tokenizer
+
+    tokenizer = train_vl_t5_tokenizer(["the cat sat on the mat", "a dog ran in the park"] * 5, vocab_size=40)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "real.png")
+    queries = [
+        {"id": "a", "question": "the cat sat", "image": "real.png", "positive_ids": ["p0"], "negative_ids": ["p1", "p2"]},
+        {"id": "b", "question": "the dog in Ærøskøbing", "image": "gone.png", "positive_ids": [], "negative_ids": []},
+        {"id": "c", "question": "the mat the park the cat the dog", "image": None, "positive_ids": ["p1", "zz"],
+         "negative_ids": ["p0"]},
+    ]
+    kb = [{"id": f"p{i}", "text": t} for i, t in enumerate(["the cat", "a dog ran in the park", " "])]
+    report = data_report(queries, kb, tokenizer, query_max_length=6, image_root=str(tmp_path))
+    q = report["queries"]
+    assert q["count"] == 3 and q["without_positive"] == 1
+    assert q["ids_missing_from_kb"] == 1 and q["example_missing_ids"] == ["zz"]
+    assert q["positives_per_query"]["mean"] == 1.0 and q["negatives_per_query"]["max"] == 2
+    assert q["images"] == {"found": 1, "missing": 1, "none": 1}
+    lengths = [len(tokenizer(x["question"])["input_ids"]) for x in queries]
+    assert q["text"]["tokens"]["max"] == max(lengths)
+    assert q["text"]["truncated_share"] == round(sum(n > 6 for n in lengths) / 3, 4)
+    ids = [i for x in queries for i in tokenizer(x["question"])["input_ids"]]
+    assert q["text"]["unknown_token_rate"] == round(ids.count(tokenizer.unk_token_id) / len(ids), 6) > 0
+    assert [w for w, _ in q["text"]["top_unknown_words"]] == ["Ærøskøbing"]
+    assert report["kb"]["empty_texts"] == 1
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(x) + "\n" for x in queries))
+    (tmp_path / "kb.jsonl").write_text("".join(json.dumps(x) + "\n" for x in kb))
+    assert main(["--model", str(tmp_path / "tok"), "--queries", str(tmp_path / "q.jsonl"), "--kb",
+                 str(tmp_path / "kb.jsonl"), "--image-root", str(tmp_path), "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "without a positive: 1" in out and "images: found 1, missing 1, none 1" in out
+    assert json.loads((tmp_path / "r.json").read_text())["queries"]["count"] == 3
