@@ -203,3 +203,26 @@ def test_freezing_options(tokenizer):
         apply_freezing(new_model(tokenizer), train_only="adapters")
     with pytest.raises(ValueError, match="has 2 blocks"):
         apply_freezing(new_model(tokenizer), freeze_first_n_blocks=3)
+
+
+@pytest.mark.parametrize("separate_towers", [False, True])
+def test_grad_cache_training_matches_plain_training(tokenizer, tmp_path, separate_towers):
+    """Two optimizer steps with GradCache (chunks of 3 rows) land on the same weights as plain steps."""
+    weights = {}
+    for grad_cache in (False, True):
+        args = arguments(tmp_path / str(grad_cache), max_steps=2, grad_cache=grad_cache, grad_cache_chunk_size=3,
+                         separate_towers=separate_towers, optim="sgd", learning_rate=0.5, gradient_accumulation_steps=2,
+                         per_device_train_batch_size=5, logging_steps=1)
+        trainer = JointEncoderTrainer(model=new_model(tokenizer), args=args, train_dataset=QUERIES, kb=KB,
+                                      processing_class=tokenizer, feature_store=STORE)
+        trainer.train()
+        weights[grad_cache] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        assert len(losses) == 2
+        weights[f"loss{grad_cache}"] = losses
+    start = new_model(tokenizer).state_dict()
+    prefix = "query_encoder." if separate_towers else ""
+    assert not torch.equal(weights[True][prefix + "shared.weight"], start["shared.weight"])
+    for key, value in weights[False].items():
+        torch.testing.assert_close(weights[True][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert weights["lossTrue"] == pytest.approx(weights["lossFalse"], rel=1e-5)
