@@ -145,3 +145,21 @@ def test_encode_index_search_evaluate_clis(saved_model, tmp_path, capsys):  # no
     assert search.search_main(argv + ["--output", str(tmp_path / "y.json")]) == 2
     assert "1 queries have no image" in capsys.readouterr().err
     assert search.search_main(search_args + ["--output", str(tmp_path / "z.json"), "--k", "0"]) == 2
+
+
+def test_retrieval_evaluator(saved_model):  # noqa: F811
+    from vl_joint_encoder.evaluation import RetrievalEvaluator
+
+    _, model, tokenizer = saved_model
+    kb = make_kb(40)
+    queries = [{"id": f"q{i}", "question": kb[i * 3]["text"], "positive_ids": [f"p{i * 3}"]} for i in range(8)]
+    evaluator = RetrievalEvaluator(queries, kb, tokenizer, metrics=["mrr@10", "precision@1", "recall@5"], batch_size=8)
+    # independent reference: each query is its passage's text, so the positive is the exact nearest neighbour
+    assert evaluator(model) == {"mrr@10": 1.0, "precision@1": 1.0, "recall@5": 1.0}
+    assert evaluator(model, model) == evaluator(model)
+    # a different query tower: same code path, metrics from the search run, equal to ranx-convention ir_metrics
+    other = type(model)(model.config).eval()
+    run = evaluator.run(other, model)
+    assert evaluator(other, model) == ir_metrics.evaluate(evaluator.qrels, run, evaluator.metrics)
+    with pytest.raises(ValueError, match="unknown metric"):
+        RetrievalEvaluator(queries, kb, tokenizer, metrics=["mrr10"])
