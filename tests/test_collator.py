@@ -111,3 +111,37 @@ def test_image_problems_are_named(tokenizer, tmp_path):
         collator([data.queries[0]])
     with pytest.raises(ValueError, match="n_hard_negatives=8 needs a KB of more than 8"):
         ContrastiveCollator(data, tokenizer, n_hard_negatives=8)
+
+
+def test_real_photos_through_the_processor_and_a_vision_tower(tokenizer):
+    """A datasets.Image column of real photos stays undecoded until collate time, then goes through
+    JointEncoderProcessor into pixel_values that a model with a (tiny, random) CLIP tower encodes."""
+    import datasets
+    from conftest import tiny_config_kwargs
+    from PIL import Image
+    from skimage import data as photos
+    from transformers import CLIPVisionConfig
+
+    from vl_joint_encoder import JointEncoderConfig, JointEncoderModel
+    from vl_joint_encoder.processing_joint_encoder import JointEncoderProcessor, image_processor_for_config
+
+    queries = datasets.Dataset.from_list(
+        [{"id": "qa", "question": "who is she?", "image": Image.fromarray(photos.astronaut()), "positive_ids": ["p0"]},
+         {"id": "qb", "question": "what drink?", "image": Image.fromarray(photos.coffee()), "positive_ids": ["p1"]}]
+    )
+    kb = [{"id": f"p{i}", "text": f"passage p{i} about topic {i}"} for i in range(4)]
+    data = prepare_training_data(queries, kb)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=64, patch_size=32)
+    config = JointEncoderConfig(**tiny_config_kwargs(vocab_size=len(tokenizer), vision_config=vision))
+    processor = JointEncoderProcessor(image_processor=image_processor_for_config(config), tokenizer=tokenizer,
+                                      feat_dim=16)
+    collator = ContrastiveCollator(data, processor, n_hard_negatives=1)
+    batch = collator([data.queries[0], data.queries[1]])
+    assert batch["query"]["pixel_values"].shape == (2, 1, 3, 64, 64)
+    assert "pixel_values" not in batch["passage"]  # text-only passages
+    model = JointEncoderModel(config).eval()
+    with torch.no_grad():
+        embeddings = model(**batch["query"]).pooler_output
+    assert embeddings.shape == (2, 32) and torch.isfinite(embeddings).all()
+    assert not torch.allclose(embeddings[0], embeddings[1])
