@@ -79,10 +79,19 @@ def test_without_gathering_each_rank_sees_only_its_share(ranks):
 
 
 @pytest.mark.slow
-def test_grad_cache_with_two_processes_and_separate_towers(ranks):
+@pytest.mark.parametrize("case", ["grad_cache", "grad_cache_two_towers"])
+def test_grad_cache_with_two_processes_and_separate_towers(ranks, case):
+    """Two DDP modules, and one DDP module holding both towers (each call encodes one side)."""
     expected_parts, expected_grads = reference(tiny_model(seed=0), tiny_model(seed=7))
     for result in ranks:
-        assert_matches(result, "grad_cache", expected_parts, expected_grads)
+        assert_matches(result, case, expected_parts, expected_grads)
+
+
+@pytest.mark.slow
+def test_grad_cache_with_two_processes_and_a_shared_tower(ranks):
+    expected_parts, expected_grads = reference(*[tiny_model(seed=0)] * 2)
+    for result in ranks:
+        assert_matches(result, "grad_cache_shared", expected_parts, expected_grads)
 
 
 def test_helpers_are_no_ops_in_one_process():

@@ -14,7 +14,8 @@ The loss depends on the encoders only through the embeddings, so
 Costs one extra forward pass (about +33% compute over forward + backward) for memory flat in the batch size.
 Works with shared (one model) or separate query / passage towers, with `InBatchContrastiveLoss` gathering across
 processes (each rank chunks its own share; the gather happens once, in step 2), under DDP (every backward but the
-last of each model runs in `no_sync`, so gradients are all-reduced once), and with `accelerate`
+last of each model runs in `no_sync`, so gradients are all-reduced once; with one module for both sides, the last
+query and passage chunks share that last backward so it reaches both towers), and with `accelerate`
 (`backward_fn=accelerator.backward`, `no_sync=accelerator.no_sync`).
 """
 
@@ -154,13 +155,25 @@ def grad_cache_step(
     )
 
     # 3. chunk-wise re-forward with a graph under the saved RNG state; backward of <embedding, cached gradient>.
-    # Gradients are synchronised (DDP all-reduce) only in the last backward through each model.
-    last_use = {id(model): index for index, (model, _) in enumerate(work)}
-    for index, ((model, chunk), state, grad) in enumerate(zip(work, states, cached_grads)):
-        sync = contextlib.nullcontext() if last_use[id(model)] == index else no_sync(model)
-        with sync, state.restore(), torch.enable_grad():
-            chunk_embeddings = embed_fn(model, chunk)  # (chunk, D)
-            surrogate = (chunk_embeddings * grad.to(chunk_embeddings.dtype)).sum()  # d surrogate / d emb = grad
+    # Gradients are synchronised (DDP all-reduce) only in the last backward through each model. That backward must
+    # reach every parameter the model trains, so with ONE module for both sides (a shared tower, or a module holding
+    # both towers and encoding one side per call) the last query chunk and the last passage chunk are re-encoded
+    # together and back-propagated in a single synchronised backward.
+    groups = [[index] for index in range(len(work))]
+    if query_model is passage_model and len(work) > 1:
+        last_query, last_passage = num_query_chunks - 1, len(work) - 1
+        groups = [[i] for i in range(len(work)) if i not in (last_query, last_passage)] + [[last_query, last_passage]]
+    last_group = {id(work[index][0]): number for number, group in enumerate(groups) for index in group}
+    for number, group in enumerate(groups):
+        model = work[group[0]][0]
+        sync = contextlib.nullcontext() if last_group[id(model)] == number else no_sync(model)
+        with sync, torch.enable_grad():
+            surrogate = 0.0
+            for index in group:
+                with states[index].restore():
+                    chunk_embeddings = embed_fn(model, work[index][1])  # (chunk, D)
+                grad = cached_grads[index].to(chunk_embeddings.dtype)
+                surrogate = surrogate + (chunk_embeddings * grad).sum()  # d surrogate / d embeddings = grad
             backward_fn(surrogate)
     return {name: value.detach() for name, value in parts.items()}
 

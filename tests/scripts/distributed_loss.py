@@ -15,7 +15,7 @@ import sys
 
 from accelerate import Accelerator
 from safetensors.torch import save_file
-from tiny_retrieval import contrastive_batch, slice_batch, tiny_model
+from tiny_retrieval import TwoTowers, contrastive_batch, slice_batch, tiny_model
 
 from vl_joint_encoder.grad_cache import grad_cache_step
 from vl_joint_encoder.loss import InBatchContrastiveLoss
@@ -44,6 +44,9 @@ def main(output_dir: str) -> None:
     rank = accelerator.process_index
     batch = contrastive_batch(num_queries=NUM_QUERIES, hard_negatives=HARD_NEGATIVES, seed=1)
     local = slice_batch(batch, *SPLIT[rank], group=1 + HARD_NEGATIVES)
+    if rank == 1:  # rank 1's queries have one relevant passage each: a narrower (Q, K) exercises the -1 padding
+        assert (local["query_positive_keys"][:, 1:] == -1).all()
+        local["query_positive_keys"] = local["query_positive_keys"][:, :1]
     out = {}
 
     # 1. plain step, shared tower, DDP-wrapped
@@ -69,6 +72,23 @@ def main(output_dir: str) -> None:
         backward_fn=accelerator.backward, no_sync=accelerator.no_sync,
     )
     out.update(collect("grad_cache", parts, accelerator.unwrap_model(query_model), accelerator.unwrap_model(passage_model)))
+
+    # 4. GradCache with a shared tower (one DDP module): middle chunks in no_sync, last query + passage chunks together
+    model = accelerator.prepare(tiny_model(seed=0))
+    parts = grad_cache_step(
+        model, model, local["query"], local["passage"], loss_fn, loss_kwargs(local), chunk_size=1,
+        backward_fn=accelerator.backward, no_sync=accelerator.no_sync,
+    )
+    out.update(collect("grad_cache_shared", parts, accelerator.unwrap_model(model)))
+
+    # 5. GradCache with both towers in ONE DDP module that encodes one side per call (a bi-encoder wrapper)
+    towers = accelerator.prepare(TwoTowers(tiny_model(seed=0), tiny_model(seed=7)))
+    parts = grad_cache_step(
+        towers, towers, {**local["query"], "tower": "query"}, {**local["passage"], "tower": "passage"}, loss_fn,
+        loss_kwargs(local), chunk_size=2, backward_fn=accelerator.backward, no_sync=accelerator.no_sync,
+    )
+    unwrapped = accelerator.unwrap_model(towers)
+    out.update(collect("grad_cache_two_towers", parts, unwrapped.query, unwrapped.passage))
 
     path = os.path.join(output_dir, f"rank{rank}.safetensors")
     save_file(out, path + ".tmp")

@@ -2,6 +2,7 @@
 (imported by tests and by scripts that `accelerate launch` runs)."""
 
 import torch
+from torch import nn
 
 from vl_joint_encoder import JointEncoderConfig, JointEncoderModel
 
@@ -79,3 +80,16 @@ def slice_batch(batch: dict, start: int, stop: int, group: int) -> dict:
         "passage_keys": batch["passage_keys"][start * group : stop * group],
         "query_positive_keys": batch["query_positive_keys"][start:stop],
     }
+
+
+class TwoTowers(nn.Module):
+    """One module holding a query and a passage tower, encoding one side per call (`tower="query"|"passage"`): the
+    layout of a bi-encoder wrapped by a single DDP module."""
+
+    def __init__(self, query: nn.Module, passage: nn.Module):
+        super().__init__()
+        self.query = query
+        self.passage = passage
+
+    def forward(self, tower: str, **inputs):
+        return getattr(self, tower)(**inputs)
