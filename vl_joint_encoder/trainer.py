@@ -13,6 +13,7 @@ state, logging) is the Trainer's own.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,7 +332,13 @@ class JointEncoderTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         self.save_model(output_dir)
         if self.args.should_save:
+            from .bi_encoder import TOWERS
             from .training_card import write_trained_model_card
+
+            if self.processing_class is not None and isinstance(self.accelerator.unwrap_model(self.model),
+                                                                JointEncoderBiEncoder):
+                for tower in TOWERS:  # each tower folder loads on its own, tokenizer / processor included
+                    self.processing_class.save_pretrained(os.path.join(output_dir, tower))
 
             write_trained_model_card(self, output_dir, results or {}, data_description, base_model)
         return output_dir
