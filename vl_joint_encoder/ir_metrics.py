@@ -8,10 +8,9 @@ https://github.com/AmenRa/ranx), so that numbers reported here and by ranx agree
   run queries absent from the qrels are ignored (a warning says how many);
 - a passage is relevant when its relevance is >= `rel_lvl` (1 by default; `ndcg@10-l2` sets it to 2); a query with no
   relevant passage scores 0 for every metric (it is still counted in the mean);
-- a run is ranked by score, descending; ties keep the order ranx gives them (numba's quicksort argsort of the negated
-  scores in insertion order, applied twice: by `Run(run)` and by `make_comparable`; reproduced by `_ranx_argsort`),
-  so tied runs evaluate exactly as in ranx (tied passages in a run written by `search` are never reordered by ranx
-  when their scores differ; equal scores are genuinely ambiguous and ranx's order is as good as any);
+- a run is ranked by score, descending. Equal scores keep the order ranx gives them: numba's (unstable) quicksort
+  argsort of the negated scores in insertion order, applied twice (by `Run(run)` and by `make_comparable`), reproduced
+  by `_ranx_argsort`. So runs with ties evaluate exactly as in ranx;
 - `@k` with k = 0 (or no `@k`) means the whole run; Precision@k divides by k even when the run is shorter;
 - nDCG uses Järvelin & Kekäläinen's gain (rel / log2(rank + 1)), the ideal ranking from the qrels;
 - MAP@k divides by the number of relevant passages (not by min(k, R)).
