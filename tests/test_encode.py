@@ -176,3 +176,36 @@ def test_two_process_accelerate_launch_equals_one_process(saved_model, tmp_path)
     for name in one:
         assert torch.equal(one[name]["embeddings"], two[name]["embeddings"]), name
         assert torch.equal(one[name]["positions"], two[name]["positions"]), name
+
+
+@torch.no_grad()
+def test_passages_with_images_through_the_processor(saved_model, tmp_path):
+    """Image passages (real photos, as files) go through JointEncoderProcessor and the frozen vision tower."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from vl_joint_encoder import JointEncoderProcessor
+    from vl_joint_encoder.vision import tiny_clip_vision_config
+
+    _, _, tokenizer = saved_model
+    vision_config = tiny_clip_vision_config()
+    torch.manual_seed(0)
+    config = JointEncoderConfig(
+        **tiny_config_kwargs(vocab_size=len(tokenizer), feat_dim=vision_config.hidden_size),
+        vision_config=vision_config,
+    )
+    model = randomize_(JointEncoderModel(config)).eval()
+    processor = JointEncoderProcessor.from_model_config(config, tokenizer)
+    paths = []
+    for name in ("astronaut", "coffee", "chelsea"):
+        paths.append(str(tmp_path / f"{name}.png"))
+        Image.fromarray(getattr(skdata, name)()).save(paths[-1])
+    kb = [{"id": f"p{i}", "text": r["text"], "image": paths[i % 3]} for i, r in enumerate(make_kb(7))]
+    encode.encode_knowledge_base(model, processor, kb, tmp_path / "out", batch_size=4, shard_size=5, progress=False)
+    embeddings, _ = EmbeddingStore(tmp_path / "out").load_all()
+    for row in (0, 4):
+        inputs = processor(text=[kb[row]["text"]], images=[Image.open(kb[row]["image"])], return_tensors="pt")
+        expected = torch.nn.functional.normalize(model(**inputs).pooler_output, dim=-1)[0]
+        torch.testing.assert_close(embeddings[row], expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="plain tokenizer"):
+        encode.encode_knowledge_base(model, tokenizer, kb, tmp_path / "tok", progress=False)
