@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -56,10 +57,23 @@ def config(workdir, out, **overrides):
 
 
 def test_yaml_config_trains_and_saves_a_loadable_model(workdir, tmp_path):
+    # evaluation on held-out text-only queries through RetrievalEvaluator, at step 2 and at the end
+    rows = [json.loads(line) for line in open(workdir / "queries.jsonl")]
+    kb = datasets.Dataset.from_parquet(str(workdir / "kb.parquet")).remove_columns("image")
+    kb.to_json(str(tmp_path / "eval_kb.jsonl"))
+    with open(tmp_path / "eval.jsonl", "w") as f:
+        f.writelines(json.dumps({k: r[k] for k in ("id", "question", "positive_ids")}) + "\n" for r in rows[:6])
     path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(config(workdir, tmp_path / "out")))
+    path.write_text(yaml.safe_dump(config(workdir, tmp_path / "out", eval_queries=[str(tmp_path / "eval.jsonl")],
+                                          eval_kb=[str(tmp_path / "eval_kb.jsonl")], eval_strategy="steps",
+                                          eval_steps=2, eval_metrics=["mrr@10", "hit_rate@5"])))
     assert main([str(path)]) == 0
     out = tmp_path / "out"
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    evaluations = [entry for entry in history if "eval_mrr@10" in entry]
+    assert [entry["step"] for entry in evaluations] == [2, 3, 3]  # eval_steps, last step, final evaluate()
+    assert all(0 < entry["eval_mrr@10"] <= 1 and 0 <= entry["eval_hit_rate@5"] <= 1 for entry in evaluations)
+    assert "eval_mrr@10" in (out / "README.md").read_text()
     state = json.loads((out / "train_results.json").read_text())
     assert state["train_loss"] > 0
     loaded = AutoModel.from_pretrained(out, trust_remote_code=True)

@@ -49,6 +49,11 @@ class DataArguments:
     passage_text_column: str | None = field(default=None, metadata={"help": "override the KB text column"})
     passage_title_column: str | None = field(default=None, metadata={"help": "KB title column (prepended)"})
     passage_image_column: str | None = field(default=None, metadata={"help": "override the KB image column"})
+    eval_queries: list[str] | None = field(
+        default=None, metadata={"help": "held-out queries for RetrievalEvaluator (with eval_strategy steps/epoch)"}
+    )
+    eval_kb: list[str] | None = field(default=None, metadata={"help": "KB searched at evaluation (default: kb)"})
+    eval_metrics: list[str] = field(default_factory=lambda: ["mrr@10"], metadata={"help": "ranx-style metric names"})
     on_missing_positive: str = field(default="skip", metadata={"help": "skip or error"})
     image_root: str | None = field(default=None, metadata={"help": "folder relative image paths are relative to"})
     feature_store: str | None = field(default=None, metadata={"help": ".npz/.safetensors of precomputed features"})
@@ -115,6 +120,35 @@ def load_model_and_processing(model_args: ModelArguments):
     return model, AutoTokenizer.from_pretrained(tokenizer_path)
 
 
+def _one_or_many(paths: list[str]):
+    return paths if len(paths) > 1 else paths[0]
+
+
+def build_evaluator(data_args: DataArguments, processing, max_length: int):
+    """A RetrievalEvaluator over `eval_queries` x (`eval_kb` or `kb`), qrels from the queries' positives (read with
+    the same column mapping as the training data). Images must be files / PIL images (not feature-store keys)."""
+    if not data_args.eval_queries:
+        return None
+    from .data import prepare_training_data
+    from .evaluation import RetrievalEvaluator
+
+    mapping = data_args.column_mapping()
+    queries, kb = _one_or_many(data_args.eval_queries), _one_or_many(data_args.eval_kb or data_args.kb)
+    prepared = prepare_training_data(queries, kb, mapping, on_missing_positive="skip")
+    kb_ids = prepared.kb_ids
+    qrels = {
+        query_id: {str(kb_ids[row]) if kb_ids is not None else str(row): 1 for row in rows}
+        for query_id, rows in zip(prepared.queries["query_id"], prepared.queries["positive_rows"])
+    }
+    return RetrievalEvaluator(
+        queries, kb, processing, qrels=qrels, metrics=data_args.eval_metrics, max_length=max_length,
+        query_columns={"id_column": mapping.query_id or "id", "text_column": mapping.question,
+                       "image_column": mapping.query_image},
+        kb_columns={"id_column": mapping.passage_id or "id", "text_column": mapping.passage_text,
+                    "image_column": mapping.passage_image},
+    )
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict:
     import transformers
     from transformers.trainer_utils import get_last_checkpoint
@@ -132,13 +166,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> 
     trainer = JointEncoderTrainer(
         model=model,
         args=training_args,
-        train_dataset=data_args.train_queries if len(data_args.train_queries) > 1 else data_args.train_queries[0],
-        kb=data_args.kb if len(data_args.kb) > 1 else data_args.kb[0],
+        train_dataset=_one_or_many(data_args.train_queries),
+        kb=_one_or_many(data_args.kb),
         processing_class=processing,
         column_mapping=data_args.column_mapping(),
         on_missing_positive=data_args.on_missing_positive,
         feature_store=store,
         image_root=data_args.image_root,
+        evaluator=build_evaluator(data_args, processing, training_args.passage_max_length),
     )
     resume = training_args.resume_from_checkpoint
     if resume == "last":
@@ -149,6 +184,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> 
     metrics = dict(result.metrics)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
+    if trainer.evaluator is not None:
+        eval_metrics = trainer.evaluate()
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    trainer.save_state()
     description = (f"Queries: `{', '.join(data_args.train_queries)}`; knowledge base: `{', '.join(data_args.kb)}` "
                    f"(column preset `{data_args.columns}`).")
     trainer.save_final_model(results=metrics, data_description=description, base_model=None)
