@@ -202,6 +202,21 @@ def _is_empty_text(text: Any) -> bool:
     return text is None or not str(text).strip()
 
 
+def _empty_text_rows(dataset, column: str) -> list[int]:
+    """Rows whose text is null or only whitespace, computed by Arrow over the (memory-mapped) column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = dataset.data.column(column)
+    if dataset._indices is not None:  # a select()/shuffle() view: go through the index mapping
+        values = pa.chunked_array([pa.array(dataset[column])])
+    if not pa.types.is_string(values.type) and not pa.types.is_large_string(values.type):
+        values = pc.cast(values, pa.string())
+    empty = pc.or_kleene(pc.is_null(values), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0))
+    empty = pc.fill_null(empty, True)
+    return np.flatnonzero(empty.to_numpy(zero_copy_only=False)).tolist()
+
+
 def _few(items: Sequence, n: int = 5) -> str:
     shown = ", ".join(repr(x) for x in list(items)[:n])
     return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
@@ -268,12 +283,12 @@ def prepare_training_data(
 
     kb_ids, kb_index = build_kb_index(kb, mapping)
     kb_has_image = mapping.passage_image is not None and mapping.passage_image in kb.column_names
-    texts = kb[mapping.passage_text]
+    empty_rows = _empty_text_rows(kb, mapping.passage_text)  # Arrow compute: no Python copy of millions of texts
     kb_images = kb[mapping.passage_image] if kb_has_image else None
     empty = [
         (kb_ids[row] if kb_ids is not None else row)
-        for row, text in enumerate(texts)
-        if _is_empty_text(text) and (kb_images is None or kb_images[row] is None)
+        for row in empty_rows
+        if kb_images is None or kb_images[row] is None
     ]
     if empty:
         raise ValueError(
