@@ -3,8 +3,9 @@
 Baseline: the plain step (encode every query and passage with a graph, InBatchContrastiveLoss, backward) on the same
 model, batch and device, measured in the same run right before the GradCache step
 (`vl_joint_encoder.grad_cache.grad_cache_step`, `--chunk-size` rows per forward). A step = zero_grad + forward +
-loss + backward (no optimizer update: it costs the same in both modes). Each (mode, batch size) runs in a fresh
-subprocess so that its peak memory is its own:
+loss + backward (no optimizer update: it costs the same in both modes). Times: plain and GradCache steps interleaved
+in one process (P, G, P, G, ... after a warm-up of each), medians, so machine noise hits both. Peak memory: one step
+per mode in a fresh subprocess, so that the peak is its own:
   - CPU: peak resident memory (`ru_maxrss`) minus the resident memory once the model is built;
   - CUDA: `torch.cuda.max_memory_allocated()` minus the memory allocated once the model is built.
 Targets: GradCache peak memory flat as the batch grows; GradCache time per sample <= 1.5x plain.
@@ -64,8 +65,7 @@ def make_batch(num_queries: int, device: str, generator: torch.Generator) -> dic
     }
 
 
-def single(args) -> dict:
-    """One (mode, batch size) measurement; runs in its own process."""
+def build(args):
     from vl_joint_encoder import JointEncoderConfig, JointEncoderModel
     from vl_joint_encoder.grad_cache import grad_cache_step
     from vl_joint_encoder.loss import InBatchContrastiveLoss
@@ -74,54 +74,69 @@ def single(args) -> dict:
     config = JointEncoderConfig(vocab_size=32200, feat_dim=FEAT_DIM, dropout_rate=args.dropout, **SIZES[args.size])
     model = JointEncoderModel(config).to(args.device).train()
     loss_fn = InBatchContrastiveLoss.from_config(config)
-    generator = torch.Generator().manual_seed(1)
-    batch = make_batch(args.batch_size, args.device, generator)
+    batch = make_batch(args.batch_size, args.device, torch.Generator().manual_seed(1))
     kwargs = {"positive_index": batch["positive_index"]}
 
-    def step():
+    def step(mode: str) -> None:
         model.zero_grad(set_to_none=False)  # gradients stay allocated: the same in both modes
-        if args.mode == "plain":
+        if mode == "plain":
             queries = model(**batch["query"]).pooler_output  # (Q, D)
             passages = model(**batch["passage"]).pooler_output  # (2Q, D)
             loss_fn(queries, passages, **kwargs)["loss"].backward()
         else:
             grad_cache_step(model, model, batch["query"], batch["passage"], loss_fn, kwargs, chunk_size=args.chunk_size)
 
-    # gradients allocated before the baseline, so the peak measures activations (what GradCache bounds)
+    # gradients allocated before any baseline, so peaks measure activations (what GradCache bounds)
     for param in model.parameters():
         param.grad = torch.zeros_like(param)
-    if args.device == "cuda":
+    return step
+
+
+def timed(step, mode: str, device: str) -> float:
+    if device == "cuda":
         torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = rss_bytes()
-    times = []
-    for _ in range(args.repeats + 1):  # the first one warms up
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    if args.device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    seconds = statistics.median(times[1:])
-    return {"mode": args.mode, "batch_size": args.batch_size, "step_s": seconds, "peak_mib": peak / 2**20}
+    start = time.perf_counter()
+    step(mode)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
-def run_single(args, mode: str, batch_size: int) -> dict:
+def single(args) -> dict:
+    """Runs in its own process. `memory`: one step of `--mode`, peak memory above the built model. `time`: plain and
+    GradCache steps interleaved (P, G, P, G, ...) after one warm-up each, so machine noise hits both; medians."""
+    step = build(args)
+    if args.single == "memory":
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            base = rss_bytes()
+        step(args.mode)
+        if args.device == "cuda":
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        return {"peak_mib": peak / 2**20}
+    times = {"plain": [], "grad_cache": []}
+    for repeat in range(args.repeats + 1):
+        for mode in times:
+            seconds = timed(step, mode, args.device)
+            if repeat:  # the first round warms up
+                times[mode].append(seconds)
+    return {mode: statistics.median(values) for mode, values in times.items()}
+
+
+def run_single(args, what: str, batch_size: int, mode: str = "plain") -> dict:
     command = [
-        sys.executable, __file__, "--single", mode, "--batch-size", str(batch_size), "--size", args.size,
-        "--device", args.device, "--chunk-size", str(args.chunk_size), "--repeats", str(args.repeats),
-        "--threads", str(args.threads), "--dropout", str(args.dropout),
+        sys.executable, __file__, "--single", what, "--mode", mode, "--batch-size", str(batch_size),
+        "--size", args.size, "--device", args.device, "--chunk-size", str(args.chunk_size),
+        "--repeats", str(args.repeats), "--threads", str(args.threads), "--dropout", str(args.dropout),
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"{mode} at batch {batch_size} failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"{what} {mode} at batch {batch_size} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -132,12 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128], help="queries per step")
     parser.add_argument("--chunk-size", type=int, default=8, help="GradCache rows per forward pass")
     parser.add_argument("--dropout", type=float, default=0.1, help="dropout_rate (GradCache replays its masks)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed steps after one warm-up (median)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per mode after one warm-up (median)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: stable timings on a shared machine)"
     )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    parser.add_argument("--single", choices=["plain", "grad_cache"], help=argparse.SUPPRESS)
+    parser.add_argument("--single", choices=["memory", "time"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["plain", "grad_cache"], default="plain", help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -145,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.single:
-        args.mode = args.single
         print(json.dumps(single(args)))
         return 0
 
@@ -158,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     print("|" + "---|" * (header.count("|") - 1))
     rows = []
     for batch_size in args.batch_sizes:
-        plain = run_single(args, "plain", batch_size)
-        cached = run_single(args, "grad_cache", batch_size)
-        rows.append({"plain": plain, "grad_cache": cached})
+        times = run_single(args, "time", batch_size)
+        plain = {"step_s": times["plain"], **run_single(args, "memory", batch_size, "plain")}
+        cached = {"step_s": times["grad_cache"], **run_single(args, "memory", batch_size, "grad_cache")}
+        rows.append({"batch_size": batch_size, "plain": plain, "grad_cache": cached})
         print(
             f"| {batch_size} | {2 * batch_size} | {plain['step_s']:.3f} | {1000 * plain['step_s'] / batch_size:.1f} | "
             f"{plain['peak_mib']:.0f} | {cached['step_s']:.3f} | {1000 * cached['step_s'] / batch_size:.1f} | "

@@ -33,7 +33,9 @@ class InBatchContrastiveLoss(nn.Module):
     gradients (`vl_joint_encoder.distributed.gather_with_grad`), and `positive_index` is shifted by the number of
     passages on the ranks before. Every rank then computes the loss of the whole global batch, so the returned values
     are the global ones on every rank, and after DDP's gradient averaging the parameter gradients equal those of one
-    process encoding the concatenated batch (tested with a real 2-process `accelerate launch`).
+    process encoding the concatenated batch (tested with a real 2-process `accelerate launch`). So do NOT multiply the
+    loss by the number of processes (as the Trainer does for token-averaged losses): the gather's backward already
+    supplies the factor that DDP's averaging removes.
 
     For batches larger than memory, compute embeddings with `vl_joint_encoder.grad_cache.grad_cache_step`
     (GradCache, Gao et al. 2021): same loss and gradients, memory of one chunk.
