@@ -108,6 +108,7 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(tokenizer, tmp_path, se
     dropout = {"dropout_rate": 0.1}  # dropout masks must replay too (RNG state in the checkpoint)
     straight = trainer("straight", new_model(tokenizer, **dropout))
     straight.train()
+    assert straight.data_collator.epoch == 1  # 8 steps of 4 per epoch: negatives were re-drawn for epoch 1
     crashed = trainer("crashed", new_model(tokenizer, **dropout), callbacks=[CrashAt(7)])
     with pytest.raises(KeyboardInterrupt):
         crashed.train()

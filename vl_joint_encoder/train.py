@@ -191,7 +191,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> 
     trainer.save_state()
     description = (f"Queries: `{', '.join(data_args.train_queries)}`; knowledge base: `{', '.join(data_args.kb)}` "
                    f"(column preset `{data_args.columns}`).")
-    trainer.save_final_model(results=metrics, data_description=description, base_model=None)
+    hub_id = model_args.model_name_or_path if not os.path.isdir(model_args.model_name_or_path) else None
+    trainer.save_final_model(results=metrics, data_description=description, base_model=hub_id)
     return metrics
 
 
