@@ -124,3 +124,16 @@ def test_two_process_accelerate_launch_on_cpu(workdir, tmp_path):
     state = json.loads((tmp_path / "out" / "train_results.json").read_text())
     assert state["train_loss"] > 0
     assert "'loss'" in result.stdout + result.stderr  # the Trainer's log line, from the main process
+
+
+def test_config_file_then_overrides(workdir, tmp_path, capsys):
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config(workdir, tmp_path / "out")))
+    # an override on the command line wins over the file (here: a similarity the model does not use, refused)
+    assert main([str(path), "--similarity", "dot"]) == 2
+    assert "similarity='dot' in the arguments" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({**config(workdir, tmp_path / "out"), "n_hard_negative": 3}))
+    assert main([str(path)]) == 2  # a sole file: HfArgumentParser's own check
+    assert "n_hard_negative" in capsys.readouterr().err
+    assert main([str(path), "--max_steps", "1"]) == 2
+    assert "unknown argument(s) ['n_hard_negative']" in capsys.readouterr().err

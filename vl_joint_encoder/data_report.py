@@ -26,8 +26,8 @@ logger = logging.get_logger(__name__)
 
 def _distribution(values: Sequence[int]) -> dict[str, float]:
     array = np.asarray(values if len(values) else [0])
-    return {"min": int(array.min()), "mean": round(float(array.mean()), 2), "p50": float(np.percentile(array, 50)),
-            "p90": float(np.percentile(array, 90)), "p99": float(np.percentile(array, 99)), "max": int(array.max())}
+    return {"min": int(array.min()), "mean": round(float(array.mean()), 2), "p50": round(float(np.percentile(array, 50)), 1),
+            "p90": round(float(np.percentile(array, 90)), 1), "p99": round(float(np.percentile(array, 99)), 1), "max": int(array.max())}
 
 
 def text_report(texts: Sequence[str], tokenizer, max_length: int, batch_size: int = 1000) -> dict[str, Any]:

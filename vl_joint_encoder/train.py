@@ -1,6 +1,7 @@
 """`vl-joint-encoder train` / `python -m vl_joint_encoder.train`: train a joint encoder as a dense retriever.
 
     vl-joint-encoder train config.yaml                      # or config.json: the three argument groups in one file
+    vl-joint-encoder train config.yaml --resume_from_checkpoint last   # a config file, then overrides
     vl-joint-encoder train --model_name_or_path M --train_queries q.jsonl --kb kb.parquet --output_dir out ...
     accelerate launch --multi_gpu --num_processes 8 -m vl_joint_encoder.train config.yaml   # DDP, negatives shared
 
@@ -87,10 +88,31 @@ def parse_arguments(argv: list[str]):
 
     parser = HfArgumentParser((ModelArguments, DataArguments, JointEncoderTrainingArguments))
     parser.prog = "vl-joint-encoder train"
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
+    if argv and argv[0].endswith((".json", ".yaml", ".yml")) and not argv[0].startswith("-"):
+        # a config file, then optional `--key value` overrides (e.g. `train.yaml --resume_from_checkpoint last`)
+        path = os.path.abspath(argv[0])
+        if not os.path.isfile(path):
+            raise ValueError(f"config file {argv[0]!r} does not exist")
+        if len(argv) == 1:
+            return parser.parse_json_file(path) if path.endswith(".json") else parser.parse_yaml_file(path)
+        with open(path) as f:
+            if path.endswith(".json"):
+                import json
+
+                values = json.load(f)
+            else:
+                import yaml
+
+                values = yaml.safe_load(f)
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{argv[0]}: unknown argument(s) {unknown} (see vl-joint-encoder train --help)")
+        for action in parser._actions:
+            if action.dest in values:
+                action.required = False
+        parser.set_defaults(**values)
+        argv = argv[1:]
     return parser.parse_args_into_dataclasses(args=argv)
 
 
