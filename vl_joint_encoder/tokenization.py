@@ -80,6 +80,25 @@ def build_vl_t5_tokenizer(base: PreTrainedTokenizerBase, n_extra: int = 100, n_v
     return tokenizer
 
 
+def _deterministic_pieces(pieces: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """
+    The same texts must give the same tokenizer. The Unigram trainer (tokenizers `UnigramTrainer::finalize`) adds
+    each required character missing from the model with score `min_score + k * 1e-4`, k counting in hash-set order,
+    which changes from run to run (and scores carry float noise of ~1e-14). Give those characters their k in sorted
+    order instead, round every score, and order pieces by score then text.
+    """
+    delta = 1e-4
+    lowest = min(score for _, score in pieces)
+    added = sorted(
+        piece
+        for piece, score in pieces
+        if len(piece) == 1 and abs((score - lowest) / delta - round((score - lowest) / delta)) < 1e-3
+    )
+    rescored = dict(pieces)
+    rescored.update({piece: lowest + k * delta for k, piece in enumerate(added)})
+    return sorted(((piece, round(score, 8)) for piece, score in rescored.items()), key=lambda item: (-item[1], item[0]))
+
+
 def train_vl_t5_tokenizer(
     texts: Iterable[str], vocab_size: int = 2000, n_extra: int = 100, n_vis: int = 100, show_progress: bool = False
 ):
@@ -105,6 +124,7 @@ def train_vl_t5_tokenizer(
     pieces = [(piece, score) for piece, score in json.loads(backend.to_str())["model"]["vocab"]]
     if [p for p, _ in pieces[:3]] != specials:
         raise RuntimeError(f"unexpected special-token layout after training: {pieces[:3]}")
+    pieces = pieces[:3] + _deterministic_pieces(pieces[3:])
     extra = [EXTRA_ID.format(k) for k in range(n_extra - 1, -1, -1)]
     vis = vis_extra_id_tokens(n_vis)
     vocab = pieces + [(token, 0.0) for token in extra + vis]
