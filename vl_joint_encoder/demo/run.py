@@ -28,6 +28,7 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 RESULTS = "results.json"
+METRICS = ("mrr@10", "recall@1", "recall@10")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +67,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--num-entities must be >= 2 (retrieval needs something to tell apart), got {args.num_entities}")
     if args.num_unseen_entities < 0 or args.hard_negatives < 0:
         raise ValueError("--num-unseen-entities and --hard-negatives must be >= 0")
+    from .toy_world import ATTRIBUTES, MAX_ENTITIES
+
+    if args.num_entities + args.num_unseen_entities > MAX_ENTITIES:
+        raise ValueError(
+            f"--num-entities + --num-unseen-entities = {args.num_entities + args.num_unseen_entities}, but at most "
+            f"{MAX_ENTITIES} entities have distinct looks (colour sets): lower them"
+        )
+    if not 2 <= args.num_attributes <= len(ATTRIBUTES):
+        raise ValueError(f"--num-attributes must be in [2, {len(ATTRIBUTES)}], got {args.num_attributes}")
     if args.image_size < 16 or args.image_size % 8:
         raise ValueError(f"--image-size must be a multiple of 8 and >= 16 (8-pixel patches), got {args.image_size}")
     if args.batch_size > args.num_entities * args.num_attributes * args.train_renderings:
@@ -154,8 +164,11 @@ class QuietProgress(TrainerCallback):
 def run_demo(args: argparse.Namespace) -> dict:
     from transformers import ProgressCallback, set_seed
 
+    from ..encode import encode_knowledge_base
+    from ..evaluation import RetrievalEvaluator
+    from ..ir_metrics import evaluate
+    from ..search import write_run
     from ..trainer import JointEncoderTrainer, JointEncoderTrainingArguments
-    from .retrieval import SplitEvaluator, search_split, split_metrics
     from .tiny_model import TinyModelSize, build_tiny_model
     from .toy_world import build_toy_world, write_toy_world
 
@@ -191,19 +204,21 @@ def run_demo(args: argparse.Namespace) -> dict:
     print(f"[2/4] tokenizer ({len(processor.tokenizer)} tokens) and joint encoder ({n_params / 1e3:.0f}k trainable "
           f"parameters, frozen random CLIP tower {size.image_size}px / {size.patch_size}px patches)", flush=True)
 
-    def evaluate_row(name: str, split: str, queries, use_images: bool = True, embeddings_dir=None):
-        run = search_split(model, processor, kb, queries, embeddings_dir=embeddings_dir, use_images=use_images,
-                           device=device)
-        tag = name.split(" ")[0] + ("" if use_images else "-text-only")
-        from ..search import write_run
-
+    def evaluate_row(name: str, split: str, queries, use_images: bool = True):
+        """Search `queries` over the KB with the package's RetrievalEvaluator; write the run; one table row."""
+        if not use_images:  # the ablation: no image anywhere, neither in the queries nor in the passages
+            queries = [{k: row[k] for k in ("id", "question", "positive_ids")} for row in queries]
+        passages = kb if use_images else [{k: row[k] for k in ("id", "text")} for row in kb]
+        evaluator = RetrievalEvaluator(queries, passages, processor, metrics=METRICS, k=10, max_length=64)
+        run = evaluator.run(model)
         os.makedirs(os.path.join(out, "runs"), exist_ok=True)
-        write_run(run, os.path.join(out, "runs", f"{split}.{tag}.json"))
+        write_run(run, os.path.join(out, "runs", f"{split}.{name}{'' if use_images else '-text-only'}.json"))
         return run, {"model": name, "split": split, "images": "yes" if use_images else "removed",
-                     "queries": len(queries), "metrics": split_metrics(run, queries)}
+                     "queries": len(queries), "metrics": evaluate(evaluator.qrels, run, METRICS)}
 
     _, untrained = evaluate_row("untrained", "test", test)
-    validation_evaluator = SplitEvaluator(processor, kb, world.splits["validation"], device=device)
+    validation_evaluator = RetrievalEvaluator(world.splits["validation"], kb, processor, metrics=["mrr@10"], k=10,
+                                              max_length=64)
     untrained_validation = validation_evaluator(model)["mrr@10"]
     timings["setup_s"] = time.perf_counter() - started - timings["data_s"]
 
@@ -248,7 +263,12 @@ def run_demo(args: argparse.Namespace) -> dict:
     # 4. evaluation + outputs
     print("[4/4] evaluating and writing outputs ...", flush=True)
     evaluation_started = time.perf_counter()
-    trained_run, trained = evaluate_row("trained", "test", test, embeddings_dir=os.path.join(out, "embeddings"))
+    trained_run, trained = evaluate_row("trained", "test", test)
+    # the trained KB embeddings, as `vl-joint-encoder encode` writes them (`vl-joint-encoder search` reads them)
+    embeddings_dir = os.path.join(out, "embeddings")
+    shutil.rmtree(embeddings_dir, ignore_errors=True)
+    encode_knowledge_base(model, processor, [{k: row[k] for k in ("id", "text", "image")} for row in kb],
+                          embeddings_dir, max_length=64, progress=False)
     _, text_only = evaluate_row("trained", "test", test, use_images=False)
     rows = [untrained, trained, text_only]
     if unseen:

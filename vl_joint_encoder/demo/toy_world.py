@@ -168,12 +168,15 @@ _LAYOUTS = {
 }
 
 
+_COLOR_SETS = [c for k in (2, 3) for c in itertools.combinations(PALETTE, k)]
+MAX_ENTITIES = len(_COLOR_SETS)  # one colour set per entity: 45 pairs + 120 triples of the 10 colours
+
+
 def _sigils(rng: np.random.Generator, count: int) -> list[tuple[Shape, ...]]:
     """`count` sigils with pairwise different colour sets (so colour alone already tells entities apart)."""
-    colors = list(PALETTE)
-    color_sets = [c for k in (2, 3) for c in itertools.combinations(colors, k)]
+    color_sets = _COLOR_SETS
     if count > len(color_sets):
-        raise ValueError(f"at most {len(color_sets)} entities have distinct looks, got num_entities={count}")
+        raise ValueError(f"at most {len(color_sets)} entities have distinct looks, got {count} (seen + unseen)")
     chosen = rng.permutation(len(color_sets))[:count]
     sigils = []
     for index in chosen:
@@ -322,4 +325,4 @@ def contact_sheet(images: list[Image.Image], columns: int = 8) -> Image.Image:
     return sheet
 
 
-__all__ = ["ATTRIBUTES", "SPLITS", "Entity", "ToyWorld", "build_toy_world", "contact_sheet", "write_toy_world"]
+__all__ = ["ATTRIBUTES", "MAX_ENTITIES", "SPLITS", "Entity", "ToyWorld", "build_toy_world", "contact_sheet", "write_toy_world"]
