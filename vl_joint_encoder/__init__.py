@@ -6,6 +6,7 @@ them for export as remote code (so `save_pretrained` writes `auto_map` and copie
 
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
+from .bi_encoder import JointEncoderBiEncoder
 from .configuration_joint_encoder import JointEncoderConfig
 from .modeling_joint_encoder import JointEncoderModel, JointEncoderOutput, JointEncoderPreTrainedModel
 from .processing_joint_encoder import JointEncoderProcessor
@@ -26,5 +27,6 @@ __all__ = [
     "JointEncoderOutput",
     "JointEncoderPreTrainedModel",
     "JointEncoderProcessor",
+    "JointEncoderBiEncoder",
     "__version__",
 ]
