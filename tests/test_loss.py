@@ -166,3 +166,12 @@ def test_bad_constructor_arguments():
         InBatchContrastiveLoss("l2")
     with pytest.raises(ValueError, match="scale"):
         InBatchContrastiveLoss("dot", 0.0)
+
+
+def test_half_precision_embeddings_give_an_fp32_loss():
+    """Under autocast / bf16 models the softmax runs in fp32: equal to the fp64 loss of the same bf16 values."""
+    queries = torch.tensor(QUERIES, dtype=torch.bfloat16)
+    passages = torch.tensor(PASSAGES, dtype=torch.bfloat16)  # these values are exact in bf16
+    out = InBatchContrastiveLoss("dot", 3.0)(queries, passages, torch.tensor(POSITIVE_INDEX))
+    assert out["loss"].dtype == torch.float32
+    assert out["loss"].item() == pytest.approx(hand_loss(dot, 3.0, masked=[set(), set(), set()])[0], rel=1e-2)
