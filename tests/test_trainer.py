@@ -157,6 +157,13 @@ def test_shared_tower_final_save_has_remote_code_and_card(tokenizer, tmp_path):
     assert {"config.json", "model.safetensors", "modeling_joint_encoder.py", "README.md", "tokenizer_config.json"} <= files
     card = open(os.path.join(out, "README.md")).read()
     assert "One shared tower" in card and "| queries | 32 |" in card and "No evaluation was run" in card
+    # with results, they are stated in the card and in its model-index metadata (read by the Hub)
+    out = trainer.save_final_model(str(tmp_path / "final_with_results"), results={"eval_mrr@10": 0.625})
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(os.path.join(out, "README.md"))
+    [result] = card.data.eval_results
+    assert (result.metric_type, result.metric_value, result.dataset_split) == ("mrr@10", 0.625, "eval")
 
 
 def test_arguments_that_contradict_the_model_are_refused(tokenizer, tmp_path):

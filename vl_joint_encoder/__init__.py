@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from .bi_encoder import JointEncoderBiEncoder
 from .configuration_joint_encoder import JointEncoderConfig
+from .evaluation import RetrievalEvaluator
 from .modeling_joint_encoder import JointEncoderModel, JointEncoderOutput, JointEncoderPreTrainedModel
 from .processing_joint_encoder import JointEncoderProcessor
 
@@ -28,5 +29,6 @@ __all__ = [
     "JointEncoderPreTrainedModel",
     "JointEncoderProcessor",
     "JointEncoderBiEncoder",
+    "RetrievalEvaluator",
     "__version__",
 ]

@@ -46,6 +46,10 @@ def write_trained_model_card(
                  "tags": ["vl-joint-encoder", "dense-retrieval", "vision-language", "knowledge-based-vqa"]}
     if base_model:
         card_data["base_model"] = base_model
+    eval_results = _eval_results(results, dataset_name=data_description or "evaluation queries")
+    if eval_results:  # the Hub reads these as `model-index` (leaderboard-style results)
+        card_data["model_name"] = os.path.basename(os.path.abspath(output_dir))
+        card_data["eval_results"] = eval_results
     card = render_model_card(
         "trained_model_card",
         card_data=card_data,
@@ -71,6 +75,35 @@ def write_trained_model_card(
     card.save(path + ".tmp")
     os.replace(path + ".tmp", path)
     return path
+
+
+def _eval_results(results: dict[str, Any], dataset_name: str) -> list:
+    """Retrieval metrics (`mrr@10`, `eval_mrr@10`, `test_precision@1`, ...) as huggingface_hub EvalResults."""
+    from huggingface_hub import EvalResult
+
+    from .ir_metrics import METRICS
+
+    entries = []
+    for key, value in results.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        split, _, metric = key.rpartition("_") if "@" in key.rpartition("_")[2] else ("", "", key)
+        name = metric.split("@")[0]
+        if name not in METRICS:
+            continue
+        entries.append(
+            EvalResult(
+                task_type="text-retrieval",
+                task_name="Knowledge-based visual question answering retrieval",
+                dataset_type="custom",
+                dataset_name=dataset_name[:80],
+                dataset_split=split or "validation",
+                metric_type=metric,
+                metric_name=f"{metric} ({split})" if split else metric,
+                metric_value=float(value),
+            )
+        )
+    return entries
 
 
 __all__ = ["write_trained_model_card"]
