@@ -16,9 +16,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_DISABLE=1
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
 run() { local name=$1 limit=$2; shift 2; echo "### $name"; timeout "$limit" "$@" 2>&1 | grep -v -E "Warning|warn\(" | tee "$OUT/$name.txt"; }
-run encoder_gpu_bf16 90 python3 benchmarks/bench_encoder.py --size base --device cuda --dtype bfloat16 --batch 64 --repeats 20
-run encoder_gpu_fp32 90 python3 benchmarks/bench_encoder.py --size base --device cuda --dtype float32 --batch 64 --repeats 10
-run encoder_cpu_fp32 120 python3 benchmarks/bench_encoder.py --size small --device cpu --batch 32 --repeats 5
-run search_gpu 90 python3 benchmarks/bench_search.py --device cuda --output "$OUT/search_gpu.json"
-run search_cpu 120 python3 benchmarks/bench_search.py --device cpu --output "$OUT/search_cpu.json"
-run training_gpu 120 python3 benchmarks/bench_training.py --device cuda --size small --batch-sizes 64 128 256 512 1024 --chunk-size 64 --json "$OUT/training_gpu.json"
+run encoder_gpu_bf16 75 python3 benchmarks/bench_encoder.py --size base --device cuda --dtype bfloat16 --batch 64 --repeats 20
+run encoder_gpu_fp32 50 python3 benchmarks/bench_encoder.py --size base --device cuda --dtype float32 --batch 64 --repeats 10
+run encoder_cpu_fp32 90 python3 benchmarks/bench_encoder.py --size small --device cpu --batch 32 --repeats 5
+run search_gpu 80 python3 benchmarks/bench_search.py --device cuda --output "$OUT/search_gpu.json"
+run search_cpu 100 python3 benchmarks/bench_search.py --device cpu --output "$OUT/search_cpu.json"
+run training_gpu 100 python3 benchmarks/bench_training.py --device cuda --size small --batch-sizes 64 128 256 512 1024 --chunk-size 64 --json "$OUT/training_gpu.json"
