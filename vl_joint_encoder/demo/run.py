@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="queries per training batch")
     parser.add_argument("--hard-negatives", type=int, default=1,
                         help="hard negatives per query: the same fact of another entity (0: in-batch only)")
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--learning-rate", type=float, default=2e-3, help="AdamW peak rate (linear warm-up and decay)")
     parser.add_argument("--eval-steps", type=int, default=100, help="validation MRR@10 every N steps")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when available)")
     parser.add_argument("--num-threads", type=int, default=1,
