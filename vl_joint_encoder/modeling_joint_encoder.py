@@ -160,6 +160,7 @@ class JointEncoderAttention(nn.Module):
         self.o = nn.Linear(self.inner_dim, config.d_model, bias=False)
         if has_relative_attention_bias:
             self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+            self._bucket_cache: dict[tuple[int, str], torch.Tensor] = {}
 
     @staticmethod
     def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -179,13 +180,20 @@ class JointEncoderAttention(nn.Module):
 
     def compute_bias(self, text_length: int, total_length: int, device: torch.device) -> torch.Tensor:
         """T5 relative bias on the text x text block, zero for every pair involving a visual token."""
-        position = torch.arange(text_length, dtype=torch.long, device=device)
-        relative_position = position[None, :] - position[:, None]  # (L, L): memory - query
-        buckets = self.relative_position_bucket(
-            relative_position,
-            num_buckets=self.config.relative_attention_num_buckets,
-            max_distance=self.config.relative_attention_max_distance,
-        )
+        # The buckets depend only on the text length: computed once per (length, device), not in every forward.
+        cache_key = (text_length, str(device))
+        buckets = self._bucket_cache.get(cache_key)
+        if buckets is None:
+            position = torch.arange(text_length, dtype=torch.long, device=device)
+            relative_position = position[None, :] - position[:, None]  # (L, L): memory - query
+            buckets = self.relative_position_bucket(
+                relative_position,
+                num_buckets=self.config.relative_attention_num_buckets,
+                max_distance=self.config.relative_attention_max_distance,
+            )
+            if len(self._bucket_cache) >= 64:
+                self._bucket_cache.clear()
+            self._bucket_cache[cache_key] = buckets
         bias = self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, H, L, L)
         pad = total_length - text_length
         return F.pad(bias, (0, pad, 0, pad))  # (1, H, L + V, L + V)
@@ -194,8 +202,10 @@ class JointEncoderAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,  # (B, T, d_model)
         attention_bias: torch.Tensor,  # (B or 1, H, T, T): position bias + additive mask
-        output_attentions: bool = False,
+        eager: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`eager` (attention weights computed and returned) is decided once per model forward, from
+        `config._attn_implementation` and `output_attentions`, instead of reading the config in every layer."""
         batch_size, length = hidden_states.shape[:2]
         shape = (batch_size, length, self.n_heads, self.d_kv)
         query = self.q(hidden_states).view(shape).transpose(1, 2)  # (B, H, T, d_kv)
@@ -203,7 +213,7 @@ class JointEncoderAttention(nn.Module):
         value = self.v(hidden_states).view(shape).transpose(1, 2)
         dropout = self.dropout if self.training else 0.0
 
-        if self.config._attn_implementation == "sdpa" and not output_attentions:
+        if not eager:
             context = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_bias.to(query.dtype), dropout_p=dropout, scale=1.0
             )
@@ -226,8 +236,8 @@ class JointEncoderLayerSelfAttention(nn.Module):
             self.adapter = JointEncoderAdapter(config)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, hidden_states, attention_bias, output_attentions=False):
-        attention_output, weights = self.SelfAttention(self.layer_norm(hidden_states), attention_bias, output_attentions)
+    def forward(self, hidden_states, attention_bias, eager=False):
+        attention_output, weights = self.SelfAttention(self.layer_norm(hidden_states), attention_bias, eager)
         if hasattr(self, "adapter"):
             attention_output = self.adapter(attention_output)
         return hidden_states + self.dropout(attention_output), weights
@@ -279,8 +289,8 @@ class JointEncoderBlock(GradientCheckpointingLayer):
             [JointEncoderLayerSelfAttention(config, has_relative_attention_bias), JointEncoderLayerFF(config)]
         )
 
-    def forward(self, hidden_states, attention_bias, output_attentions=False):
-        hidden_states, weights = self.layer[0](hidden_states, attention_bias, output_attentions)
+    def forward(self, hidden_states, attention_bias, eager=False):
+        hidden_states, weights = self.layer[0](hidden_states, attention_bias, eager)
         hidden_states = _clamp_fp16(hidden_states)
         hidden_states = _clamp_fp16(self.layer[1](hidden_states))
         return hidden_states, weights
@@ -700,8 +710,9 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
         hidden_states = self.dropout(hidden_states)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
+        eager = output_attentions or config._attn_implementation != "sdpa"
         for block in self.block:
-            hidden_states, weights = block(hidden_states, attention_bias, output_attentions)
+            hidden_states, weights = block(hidden_states, attention_bias, eager)
             if output_attentions:
                 all_attentions += (weights,)
             if output_hidden_states and block is not self.block[-1]:
