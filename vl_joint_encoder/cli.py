@@ -51,3 +51,19 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def accept_both_spellings(parser):
+    """
+    Let every `--long_option` also be written `--long-option` (and the reverse), as HfArgumentParser does for `train`,
+    so that users need not remember which command uses which spelling. `--help` shows the canonical spelling.
+    """
+    for action in list(parser._actions):
+        for option in list(action.option_strings):
+            if not option.startswith("--"):
+                continue
+            name = option[2:]
+            alternative = "--" + (name.replace("_", "-") if "_" in name else name.replace("-", "_"))
+            if alternative != option and alternative not in parser._option_string_actions:
+                parser._option_string_actions[alternative] = action
+    return parser

@@ -196,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feature-store", default=None, help=".npz/.safetensors of precomputed features")
     parser.add_argument("--max-passages", type=int, default=100_000, help="sample this many passages for tokens")
     parser.add_argument("--json", default=None, help="also write the report as JSON here")
-    args = parser.parse_args(argv)
+    from vl_joint_encoder.cli import accept_both_spellings
+
+    args = accept_both_spellings(parser).parse_args(argv)
     try:
         from transformers import AutoTokenizer
 

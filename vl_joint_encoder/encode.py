@@ -379,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text_column", default="text")
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
-    args = parser.parse_args(argv)
+    from vl_joint_encoder.cli import accept_both_spellings
+
+    args = accept_both_spellings(parser).parse_args(argv)
     try:
         from accelerate import PartialState
 

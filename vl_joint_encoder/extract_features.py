@@ -352,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     parser.add_argument("--max-shards", type=int, help="stop after writing this many new shards")
     parser.add_argument("--overwrite", action="store_true", help="discard a previous run in --output")
-    args = parser.parse_args(argv)
+    from vl_joint_encoder.cli import accept_both_spellings
+
+    args = accept_both_spellings(parser).parse_args(argv)
     try:
         if args.dataset:
             from datasets import DatasetDict, load_from_disk

@@ -328,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), help="e.g. mrr@100 precision@1 ndcg@10")
     parser.add_argument("--output", help="write {metric: value} as JSON here")
     parser.add_argument("--per-query", help="also write {metric: {query: value}} as JSON here")
-    args = parser.parse_args(argv)
+    from vl_joint_encoder.cli import accept_both_spellings
+
+    args = accept_both_spellings(parser).parse_args(argv)
     try:
         run, qrels = load_run(args.run), load_qrels(args.qrels)
         per_query = evaluate_per_query(qrels, run, args.metrics)

@@ -251,7 +251,9 @@ def search_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question_column", default="question")
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--nprobe", type=int, default=32)
-    args = parser.parse_args(argv)
+    from vl_joint_encoder.cli import accept_both_spellings
+
+    args = accept_both_spellings(parser).parse_args(argv)
     try:
         if args.k < 1:
             raise ValueError(f"--k must be >= 1, got {args.k}")
@@ -297,7 +299,9 @@ def index_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=INDEX_KINDS, default="flat")
     parser.add_argument("--nlist", type=int, default=1024, help="IVF lists")
     parser.add_argument("--hnsw_m", type=int, default=32, help="HNSW neighbours per node")
-    args = parser.parse_args(argv)
+    from vl_joint_encoder.cli import accept_both_spellings
+
+    args = accept_both_spellings(parser).parse_args(argv)
     try:
         store = EmbeddingStore(args.embeddings)
         index, positions = build_faiss_index(store, args.kind, args.nlist, args.hnsw_m)
