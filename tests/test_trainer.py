@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -155,6 +156,9 @@ def test_shared_tower_final_save_has_remote_code_and_card(tokenizer, tmp_path):
     out = trainer.save_final_model(str(tmp_path / "final"))
     files = set(os.listdir(out))
     assert {"config.json", "model.safetensors", "modeling_joint_encoder.py", "README.md", "tokenizer_config.json"} <= files
+    assert "training_args.bin" not in files  # no pickle in a released model folder: the arguments are JSON
+    with open(os.path.join(out, "training_args.json")) as handle:
+        assert json.load(handle)["n_hard_negatives"] == args.n_hard_negatives
     card = open(os.path.join(out, "README.md")).read()
     assert "One shared tower" in card and "| queries | 32 |" in card and "No evaluation was run" in card
     # with results, they are stated in the card and in its model-index metadata (read by the Hub)

@@ -340,6 +340,13 @@ class JointEncoderTrainer(Trainer):
                 for tower in TOWERS:  # each tower folder loads on its own, tokenizer / processor included
                     self.processing_class.save_pretrained(os.path.join(output_dir, tower))
 
+            # The released folder carries the arguments as JSON, not as Trainer's pickled training_args.bin: nobody
+            # should have to unpickle a file from a model repo to learn how it was trained.
+            pickled = os.path.join(output_dir, "training_args.bin")
+            if os.path.exists(pickled):
+                os.remove(pickled)
+            with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
+                handle.write(self.args.to_json_string())
             write_trained_model_card(self, output_dir, results or {}, data_description, base_model)
         return output_dir
 
