@@ -110,9 +110,10 @@ def exact_top_k(
 def tensor_chunks(
     embeddings: torch.Tensor, chunk_rows: int, positions: torch.Tensor | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Chunks of an in-memory (N, D) matrix; positions default to 0..N-1."""
+    """Chunks of an in-memory (N, D) matrix; positions default to 0..N-1, made on the matrix's device (a corpus held
+    on the GPU then needs no host-to-device copy of its positions at every search)."""
     if positions is None:
-        positions = torch.arange(embeddings.shape[0], dtype=torch.int64)
+        positions = torch.arange(embeddings.shape[0], dtype=torch.int64, device=embeddings.device)
     for start in range(0, embeddings.shape[0], chunk_rows):
         yield embeddings[start : start + chunk_rows], positions[start : start + chunk_rows]
 
