@@ -59,14 +59,16 @@ def resolve_visual(
     if isinstance(value, str):
         if feature_store is not None and value in feature_store:
             entry = feature_store[value]
+            source = f"feature-store key {value!r}"
             if isinstance(entry, Mapping):
-                return "features", {"visual_feats": np.asarray(entry["visual_feats"]), "visual_pos": entry.get("visual_pos")}
-            return "features", {"visual_feats": np.asarray(entry), "visual_pos": None}
+                feats, pos = np.asarray(entry["visual_feats"]), entry.get("visual_pos")
+                return "features", {"visual_feats": feats, "visual_pos": pos, "source": source}
+            return "features", {"visual_feats": np.asarray(entry), "visual_pos": None, "source": source}
         path = os.path.join(image_root, value) if image_root and not os.path.isabs(value) else value
         if path.lower().endswith(FEATURE_FILE_SUFFIXES):
             if not os.path.exists(path):
                 raise ValueError(f"visual feature file {path!r} does not exist (check image_root / the feature store)")
-            return "features", _load_feature_file(path)
+            return "features", {**_load_feature_file(path), "source": f"feature file {path!r}"}
         from .images import load_image
 
         if not os.path.exists(path):
@@ -99,7 +101,15 @@ def resolve_visual(
 
 
 def pad_visual_features(items: Sequence[dict | None], feat_dim: int | None = None) -> dict[str, torch.Tensor]:
-    """Pad per-example features (V_i, C) to (B, max V, C); rows without an image get a zero visual mask."""
+    """
+    Pad per-example features (V_i, C) to (B, max V, C); rows without an image get a zero visual mask. Every item
+    gets the checks of `JointEncoderProcessor`'s precomputed-feature path: finite values, `visual_pos` normalised
+    (x1, y1, x2, y2) boxes (`normalize_boxes`: small overshoots clamped, larger ones refused), one box per token. The
+    output equals the processor's (`image_order_ids` / `object_order_ids` omitted: the model's defaults, zeros and
+    0..V-1, are the processor's values for one image per row).
+    """
+    from .processing_joint_encoder import normalize_boxes
+
     present = [item for item in items if item is not None]
     channels = feat_dim or present[0]["visual_feats"].shape[-1]
     length = max(item["visual_feats"].shape[0] for item in present)
@@ -110,24 +120,36 @@ def pad_visual_features(items: Sequence[dict | None], feat_dim: int | None = Non
     for i, item in enumerate(items):
         if item is None:
             continue
-        array = torch.as_tensor(np.asarray(item["visual_feats"], dtype=np.float32))
-        if array.dim() != 2 or array.shape[1] != channels:
+        where = item.get("source") or f"visual features of row {i}"
+        values = np.asarray(item["visual_feats"], dtype=np.float32)
+        if values.ndim != 2 or values.shape[1] != channels:
             raise ValueError(
-                f"visual features of shape {tuple(array.shape)} in a batch of feat_dim {channels}: every feature "
-                f"must be (visual_tokens, {channels})"
+                f"{where}: visual features of shape {tuple(values.shape)} in a batch of feat_dim {channels}: every "
+                f"feature must be (visual_tokens, {channels}); extract features with the model's backbone"
             )
-        n = array.shape[0]
-        feats[i, :n] = array
+        if not np.isfinite(values).all():
+            raise ValueError(
+                f"{where} holds {int((~np.isfinite(values)).sum())} NaN/infinite values: the feature file is corrupt "
+                f"or was written from a diverged extractor; re-extract it"
+            )
+        n = values.shape[0]
+        feats[i, :n] = torch.as_tensor(values)
         if item.get("visual_pos") is not None:
-            pos[i, :n] = torch.as_tensor(np.asarray(item["visual_pos"], dtype=np.float32))
+            boxes = normalize_boxes(np.asarray(item["visual_pos"], dtype=np.float32), None, where=f"{where}: visual_pos")
+            if boxes.shape[0] != n:
+                raise ValueError(f"{where} has {n} visual tokens but {boxes.shape[0]} boxes in visual_pos")
+            pos[i, :n] = torch.as_tensor(boxes)
         mask[i, :n] = 1
     return {"visual_feats": feats, "visual_pos": pos, "visual_attention_mask": mask}
 
 
 class JointEncoderInputBuilder:
     """
-    Texts + image references -> model inputs. Uses a `JointEncoderProcessor` for PIL images when given one (the
-    model then needs a vision tower), the tokenizer alone for text, and pads precomputed features itself.
+    Texts + image references (`resolve_visual`) -> model inputs for one side (queries or passages): THE batch code of
+    training (`ContrastiveCollator`), KB encoding (`encode.embed_batches`), search and `RetrievalEvaluator`. Uses a
+    `JointEncoderProcessor` for PIL images / image files when given one (the model then needs a vision tower), the
+    tokenizer alone for text, and pads precomputed features (feature-store keys, feature files, inline arrays) with
+    `pad_visual_features`. `feat_dim` defaults to the processor's.
     """
 
     def __init__(
@@ -144,7 +166,7 @@ class JointEncoderInputBuilder:
         self.max_length = max_length
         self.feature_store = feature_store
         self.image_root = image_root
-        self.feat_dim = feat_dim
+        self.feat_dim = feat_dim if feat_dim is not None else getattr(processing_class, "feat_dim", None)
         self.use_images = use_images
 
     def __call__(self, texts: Sequence[str], images: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
@@ -158,8 +180,9 @@ class JointEncoderInputBuilder:
         if kinds == {"image"}:
             if self.processing_class is self.tokenizer:
                 raise ValueError(
-                    "images were given as files/PIL but no JointEncoderProcessor: pass processing_class=processor "
-                    "(the model needs a vision tower), or give precomputed features (a feature store)"
+                    "images were given as files/PIL but only a plain tokenizer, no JointEncoderProcessor: pass the "
+                    "processor (processing_class / --processor; the model needs a vision tower), or give precomputed "
+                    "features (a feature store)"
                 )
             pil = [item[1] if item is not None else None for item in resolved]
             return dict(

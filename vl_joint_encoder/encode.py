@@ -16,13 +16,14 @@ import hashlib
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 from transformers.utils import logging
 
+from .collator import JointEncoderInputBuilder
 from .embedding_store import (
     FORMAT,
     FORMAT_VERSION,
@@ -34,6 +35,12 @@ from .embedding_store import (
     read_shard_metadata,
     shard_name,
     write_shard,
+)
+from .visual_references import (
+    check_image_references,
+    feature_store_fingerprint,
+    open_feature_store,
+    referenced_store_keys,
 )
 
 
@@ -118,25 +125,21 @@ def read_knowledge_base(
 
 
 # ------------------------------------------------------------------------------------------------ batches
-def _as_image_input(image: Any) -> Any:
-    if isinstance(image, dict):  # datasets.Image(decode=False) cell
-        return image.get("bytes") or image.get("path")
-    return image
-
-
-def make_batch(processor: Any, texts: list[str], images: list[Any] | None, max_length: int) -> dict:
-    """Model inputs for passages: a tokenizer for text, a JointEncoderProcessor when passages carry images."""
-    kwargs = dict(return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-    if images is not None and any(image is not None for image in images):
-        if not hasattr(processor, "image_processor"):
-            raise ValueError(
-                "the KB has images but a plain tokenizer was given: pass a JointEncoderProcessor (--processor) to "
-                "encode passage images"
-            )
-        return dict(processor(text=texts, images=[_as_image_input(i) for i in images], **kwargs))
-    if hasattr(processor, "image_processor"):
-        return dict(processor(text=texts, **kwargs))
-    return dict(processor(texts, **kwargs))
+def make_batch(
+    processor: Any,
+    texts: list[str],
+    images: list[Any] | None,
+    max_length: int,
+    feature_store: Mapping[str, Any] | None = None,
+    image_root: str | None = None,
+    feat_dim: int | None = None,
+) -> dict:
+    """
+    Model inputs for one batch of passages or queries, built by the training collator's code
+    (`collator.JointEncoderInputBuilder`): a tokenizer for text, a JointEncoderProcessor for image files / PIL images,
+    padded precomputed features for keys of `feature_store` (a loaded mapping, see `data.load_feature_store`).
+    """
+    return JointEncoderInputBuilder(processor, max_length, feature_store, image_root, feat_dim)(texts, images)
 
 
 @torch.no_grad()
@@ -150,17 +153,24 @@ def embed_batches(
     autocast_dtype: str = "float32",
     device: torch.device | str | None = None,
     normalize: bool | None = None,
+    feature_store: Any = None,
+    image_root: str | None = None,
 ) -> torch.Tensor:
-    """(len(texts), D) float32 embeddings, `model.encode` on fixed consecutive batches (same batches -> same bits)."""
+    """
+    (len(texts), D) float32 embeddings, `model.encode` on fixed consecutive batches (same batches -> same bits).
+    `images`: one reference per text (file path relative to `image_root`, PIL image, `datasets.Image` cell, key of
+    `feature_store` (path or loaded mapping), or None).
+    """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     dtype = AUTOCAST_DTYPES[autocast_dtype]
+    store, _ = open_feature_store(feature_store)
+    feat_dim = getattr(getattr(model, "config", None), "feat_dim", None)
+    build = JointEncoderInputBuilder(processor, max_length, store, image_root, feat_dim)
     out = []
     for start in range(0, len(texts), batch_size):
-        batch = make_batch(
-            processor,
+        batch = build(
             list(texts[start : start + batch_size]),
             None if images is None else list(images[start : start + batch_size]),
-            max_length,
         )
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         context = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
@@ -188,10 +198,17 @@ def encode_knowledge_base(
     model_name: str | None = None,
     state: Any = None,
     progress: bool = True,
+    feature_store: Any = None,
+    image_root: str | None = None,
 ) -> dict | None:
     """
     Encode `kb` (rows `id`, `text`, optional `image`) with `model` (a JointEncoderModel, or any module with
     `.encode(**batch)` and `.config.similarity`) into `output_dir`. Resumes an interrupted run of the same job.
+
+    `image` cells are file paths (relative to `image_root`), `datasets.Image` cells, PIL images, or keys of
+    `feature_store` (a `.npz` / `.safetensors` path or a loaded mapping, `data.load_feature_store`: precomputed
+    visual features). Every reference is checked before encoding starts; the plan records a hash of the referenced
+    features (and `image_root`), so that an encoding is not resumed over a changed store.
 
     `state`: an `accelerate.PartialState` when launched with several processes (each encodes shards rank, rank +
     world, ...; rank 0 writes the manifest). Returns the manifest on the main process, None on the others.
@@ -206,6 +223,8 @@ def encode_knowledge_base(
     is_main = rank == 0
     output_dir = os.fspath(output_dir)
     ids, texts, images = read_knowledge_base(kb, id_column, text_column, image_column)
+    store, store_path = open_feature_store(feature_store)
+    check_image_references(ids, images, store, store_path, image_root, what="KB passages")
     model_hash = model_fingerprint(model)
     # longest first: memory errors show up on the first batch, and batches pad little
     order = sorted(range(len(texts)), key=lambda r: -len(texts[r])) if sort_by_length else list(range(len(texts)))
@@ -221,6 +240,13 @@ def encode_knowledge_base(
         "autocast_dtype": autocast_dtype,
         "storage_dtype": storage_dtype,
     }
+    # only when used, so that plans (and their hashes) of encodings without them stay as they were
+    keys = referenced_store_keys(images, store)
+    if keys:
+        plan["feature_store_sha256"] = feature_store_fingerprint(store, keys)
+        plan["feature_store_keys"] = len(keys)
+    if image_root is not None:
+        plan["image_root"] = os.path.abspath(image_root)
     plan_hash = hashlib.sha256(repr(sorted(plan.items())).encode()).hexdigest()
     plan["plan_hash"] = plan_hash
     _check_or_write_plan(output_dir, plan, is_main, state)
@@ -245,6 +271,8 @@ def encode_knowledge_base(
             max_length,
             autocast_dtype,
             device,
+            feature_store=store,
+            image_root=image_root,
         )  # (n, D)
         write_shard(
             output_dir, shard, embeddings.to(STORAGE_DTYPES[storage_dtype]), torch.tensor(rows), plan_hash, model_hash
@@ -255,7 +283,7 @@ def encode_knowledge_base(
         state.wait_for_everyone()
     if not is_main:
         return None
-    return _finalize(output_dir, plan, ids, model, model_name, n_shards)
+    return _finalize(output_dir, plan, ids, model, model_name, n_shards, store_path)
 
 
 def _check_or_write_plan(output_dir: str, plan: dict, is_main: bool, state: Any) -> None:
@@ -268,6 +296,7 @@ def _check_or_write_plan(output_dir: str, plan: dict, is_main: bool, state: Any)
                 "kb_fingerprint": "the KB changed since encoding started (ids / texts / images differ)",
                 "count": f"the KB has {plan['count']} passages, {previous.get('count')} when encoding started",
                 "model_sha256": "the model weights differ from those the shards were encoded with",
+                "feature_store_sha256": "the feature store's arrays for the KB's keys differ from those encoded",
             }
             detail = "; ".join(reasons.get(k, f"{k}: {previous.get(k)!r} -> {plan[k]!r}") for k in changed)
             raise ValueError(
@@ -286,7 +315,15 @@ def _shard_complete(output_dir: str, shard: int, plan_hash: str) -> bool:
     return metadata is not None and metadata.get("plan_hash") == plan_hash
 
 
-def _finalize(output_dir: str, plan: dict, ids: list[str], model, model_name: str | None, n_shards: int) -> dict:
+def _finalize(
+    output_dir: str,
+    plan: dict,
+    ids: list[str],
+    model,
+    model_name: str | None,
+    n_shards: int,
+    store_path: str | None = None,
+) -> dict:
     shards = []
     for shard in range(n_shards):
         metadata = read_shard_metadata(os.path.join(output_dir, shard_name(shard)))
@@ -314,19 +351,35 @@ def _finalize(output_dir: str, plan: dict, ids: list[str], model, model_name: st
         "plan_hash": plan["plan_hash"],
         "shards": shards,
     }
+    if "feature_store_sha256" in plan:
+        manifest["feature_store"] = {
+            "path": store_path,
+            "sha256": plan["feature_store_sha256"],
+            "keys": plan["feature_store_keys"],
+        }
+    if "image_root" in plan:
+        manifest["image_root"] = plan["image_root"]
     atomic_write_json(os.path.join(output_dir, MANIFEST), manifest)
     logger.info(f"encoded {plan['count']} passages into {n_shards} shards in {output_dir}")
     return manifest
 
 
-def check_knowledge_base(output_dir: str | os.PathLike, kb: Any, **columns) -> None:
-    """Raise a ValueError if `kb` is not the KB encoded in `output_dir` (count or content fingerprint differ)."""
+def check_knowledge_base(output_dir: str | os.PathLike, kb: Any, feature_store: Any = None, **columns) -> None:
+    """
+    Raise a ValueError if `kb` is not the KB encoded in `output_dir` (count or content fingerprint differ) or, given
+    `feature_store`, if its features for the KB's keys are not those encoded.
+    """
     manifest = read_json(os.path.join(output_dir, MANIFEST))
     ids, texts, images = read_knowledge_base(kb, **columns)
     if len(ids) != manifest["count"]:
         raise ValueError(f"the KB has {len(ids)} passages but {output_dir} encodes {manifest['count']}: re-encode it")
     if kb_fingerprint(ids, texts, images) != manifest["kb_fingerprint"]:
         raise ValueError(f"the KB changed since it was encoded into {output_dir} (same count, different content)")
+    store, _ = open_feature_store(feature_store)
+    recorded = manifest.get("feature_store", {}).get("sha256")
+    if store is not None and recorded is not None:
+        if feature_store_fingerprint(store, referenced_store_keys(images, store)) != recorded:
+            raise ValueError(f"the feature store's features of the KB's keys differ from those encoded in {output_dir}")
 
 
 # ------------------------------------------------------------------------------------------------ loading models
@@ -378,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id_column", default="id")
     parser.add_argument("--text_column", default="text")
     parser.add_argument("--image_column", default="image")
+    parser.add_argument(
+        "--feature_store",
+        help=".npz / .safetensors of precomputed visual features; image cells that are its keys use them",
+    )
+    parser.add_argument("--image_root", help="folder that relative image paths are relative to")
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
     from vl_joint_encoder.cli import accept_both_spellings
 
@@ -404,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             image_column=args.image_column,
             model_name=args.model,
             state=state,
+            feature_store=args.feature_store,
+            image_root=args.image_root,
         )
     except (ValueError, OSError) as error:
         print(f"vl-joint-encoder encode: error: {error}", file=sys.stderr)

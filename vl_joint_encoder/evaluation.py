@@ -15,8 +15,9 @@ from transformers.utils import logging
 
 from . import ir_metrics
 from .embedding_store import EmbeddingStore
-from .encode import encode_knowledge_base
+from .encode import encode_knowledge_base, read_knowledge_base
 from .search import encode_queries, read_queries, search_store, to_run
+from .visual_references import check_image_references, open_feature_store
 
 
 logger = logging.get_logger(__name__)
@@ -34,6 +35,9 @@ class RetrievalEvaluator:
         metrics: ranx-style names, default `("mrr@10", "mrr@100", "precision@1", "precision@20", "hit_rate@20")`.
         k: depth of the search (at least the largest cutoff).
         batch_size, max_length, shard_size: encoding parameters (as in `vl-joint-encoder encode`).
+        feature_store: precomputed visual features (`.npz` / `.safetensors` path, read once here, or a mapping from
+            `data.load_feature_store`); query / KB `image` cells that are its keys use them, on both sides.
+        image_root: folder that relative image paths (queries and KB) are relative to.
 
     Call `evaluator(model)` (one shared tower) or `evaluator(query_model, passage_model)` (separate towers) ->
     `{"mrr@10": ..., ...}`. In a multi-process run every rank computes the same numbers (no collective calls).
@@ -60,6 +64,8 @@ class RetrievalEvaluator:
         autocast_dtype: str = "float32",
         query_columns: Mapping[str, str | None] | None = None,
         kb_columns: Mapping[str, str | None] | None = None,
+        feature_store: Any = None,
+        image_root: str | None = None,
     ):
         for name in metrics:
             ir_metrics.parse_metric(name)  # fail now, not at the first evaluation step
@@ -69,12 +75,24 @@ class RetrievalEvaluator:
         self.processor = processor
         self.kb = kb
         self.kb_columns = dict(kb_columns or {})
-        self.query_ids, self.query_texts, self.query_images = read_queries(queries, **dict(query_columns or {}))
+        self.feature_store, self.feature_store_path = open_feature_store(feature_store)
+        self.image_root = image_root
+        self.query_ids, self.query_texts, self.query_images = read_queries(
+            queries, **dict(query_columns or {}), feature_store=self.feature_store, image_root=image_root
+        )
+        kb_ids, _, kb_images = read_knowledge_base(kb, **self.kb_columns)  # fail now on a bad KB, not at step N
+        check_image_references(kb_ids, kb_images, self.feature_store, self.feature_store_path, image_root, "KB passages")
         self.qrels = dict(qrels) if qrels is not None else self._qrels_from_positives(queries)
         missing = [q for q in self.query_ids if q not in self.qrels]
         if missing:
             logger.warning(f"{len(missing)} evaluation queries have no qrels and are not scored, e.g. {missing[:3]}")
-        self.encode_kwargs = dict(batch_size=batch_size, max_length=max_length, autocast_dtype=autocast_dtype)
+        self.encode_kwargs = dict(
+            batch_size=batch_size,
+            max_length=max_length,
+            autocast_dtype=autocast_dtype,
+            feature_store=self.feature_store,
+            image_root=image_root,
+        )
         self.shard_size = shard_size
 
     @staticmethod

@@ -21,6 +21,7 @@ from transformers.utils import logging
 from .embedding_store import EmbeddingStore, atomic_write_json, read_json
 from .encode import embed_batches, model_fingerprint
 from .exact_search import auto_chunk_rows, exact_top_k
+from .visual_references import describe_store, open_feature_store, unresolvable_references
 
 
 logger = logging.get_logger(__name__)
@@ -48,9 +49,17 @@ def check_model_matches(store_similarity: str, store_model_hash: str, passage_mo
 
 # ------------------------------------------------------------------------------------------------ queries
 def read_queries(
-    queries: Any, id_column: str = "id", text_column: str = "question", image_column: str | None = "image"
+    queries: Any,
+    id_column: str = "id",
+    text_column: str = "question",
+    image_column: str | None = "image",
+    feature_store: Any = None,
+    image_root: str | None = None,
 ) -> tuple[list[str], list[str], list[Any] | None]:
-    """(ids, questions, images or None); every query must have its image when the table has an image column."""
+    """
+    (ids, questions, images or None); every query must have its image when the table has an image column: a file
+    (relative to `image_root`), a PIL image / `datasets.Image` cell, or a key of `feature_store` (path or mapping).
+    """
     from .data import _lazy_images, load_table
 
     table = _lazy_images(load_table(queries, name="the queries"), image_column)
@@ -64,19 +73,27 @@ def read_queries(
     images = None
     if image_column is not None and image_column in table.column_names:
         images = table[image_column]
-        absent = [ids[r] for r, image in enumerate(images) if image is None or _missing_file(image)]
+        store, store_path = open_feature_store(feature_store)
+        unresolved = set(unresolvable_references(images, store, image_root))
+        absent = [r for r, image in enumerate(images) if image is None or r in unresolved or _empty_cell(image)]
         if absent:
+            examples = ", ".join(f"{ids[r]}: {_shown(images[r])!r}" for r in absent[:5])
+            store_hint = f" nor a key of {describe_store(store_path)}" if store is not None else ""
+            root_hint = f" under image_root {image_root!r}" if image_root else ""
             raise ValueError(
-                f"{len(absent)} queries have no image (or its file does not exist), e.g. {absent[:5]}: fix the paths, "
-                f"or drop the image column to search with text only"
+                f"{len(absent)} queries have no image (or its reference is neither an existing file{root_hint}"
+                f"{store_hint}), e.g. {examples}: fix the paths / keys, pass --image_root / --feature_store, or drop "
+                f"the image column to search with text only"
             )
     return ids, texts, images
 
 
-def _missing_file(image: Any) -> bool:
-    if isinstance(image, dict):
-        return not image.get("bytes") and not (image.get("path") and os.path.exists(image["path"]))
-    return isinstance(image, (str, os.PathLike)) and not os.path.exists(image)
+def _empty_cell(image: Any) -> bool:
+    return isinstance(image, dict) and not image.get("bytes") and not image.get("path")
+
+
+def _shown(image: Any) -> Any:
+    return image.get("path") if isinstance(image, dict) else image
 
 
 def encode_queries(
@@ -87,9 +104,24 @@ def encode_queries(
     batch_size: int = 64,
     max_length: int = 256,
     autocast_dtype: str = "float32",
+    feature_store: Any = None,
+    image_root: str | None = None,
 ) -> torch.Tensor:
-    """(Q, D) float32 query embeddings, with the same batching code as passages."""
-    return embed_batches(model, processor, texts, images, batch_size, max_length, autocast_dtype)
+    """
+    (Q, D) float32 query embeddings, with the batch code of passages and of training (`JointEncoderInputBuilder`).
+    `images`: per query a file path (relative to `image_root`), PIL image, key of `feature_store`, or None.
+    """
+    return embed_batches(
+        model,
+        processor,
+        texts,
+        images,
+        batch_size,
+        max_length,
+        autocast_dtype,
+        feature_store=feature_store,
+        image_root=image_root,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ search
@@ -250,6 +282,11 @@ def search_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id_column", default="id")
     parser.add_argument("--question_column", default="question")
     parser.add_argument("--image_column", default="image")
+    parser.add_argument(
+        "--feature_store",
+        help=".npz / .safetensors of precomputed visual features; query images that are its keys use them",
+    )
+    parser.add_argument("--image_root", help="folder that relative image paths are relative to")
     parser.add_argument("--nprobe", type=int, default=32)
     from vl_joint_encoder.cli import accept_both_spellings
 
@@ -262,8 +299,20 @@ def search_main(argv: list[str] | None = None) -> int:
         check_model_matches(store.similarity, store.model_hash, passage_model, args.embeddings)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         query_model.to(device)
-        ids, texts, images = read_queries(args.queries, args.id_column, args.question_column, args.image_column)
-        embeddings = encode_queries(query_model, processor, texts, images, args.batch_size, args.max_length)
+        feature_store, _ = open_feature_store(args.feature_store)
+        ids, texts, images = read_queries(
+            args.queries, args.id_column, args.question_column, args.image_column, feature_store, args.image_root
+        )
+        embeddings = encode_queries(
+            query_model,
+            processor,
+            texts,
+            images,
+            args.batch_size,
+            args.max_length,
+            feature_store=feature_store,
+            image_root=args.image_root,
+        )
         if args.index:
             scores, positions, meta = faiss_search(args.index, embeddings, args.k, nprobe=args.nprobe)
             if meta["model_sha256"] != store.model_hash or meta["similarity"] != store.similarity:

@@ -146,9 +146,10 @@ def _one_or_many(paths: list[str]):
     return paths if len(paths) > 1 else paths[0]
 
 
-def build_evaluator(data_args: DataArguments, processing, max_length: int):
+def build_evaluator(data_args: DataArguments, processing, max_length: int, feature_store=None):
     """A RetrievalEvaluator over `eval_queries` x (`eval_kb` or `kb`), qrels from the queries' positives (read with
-    the same column mapping as the training data). Images must be files / PIL images (not feature-store keys)."""
+    the same column mapping as the training data). Images are resolved as in training: files under `image_root`,
+    or keys of the (already loaded) `feature_store`."""
     if not data_args.eval_queries:
         return None
     from .data import prepare_training_data
@@ -168,6 +169,7 @@ def build_evaluator(data_args: DataArguments, processing, max_length: int):
                        "image_column": mapping.query_image},
         kb_columns={"id_column": mapping.passage_id or "id", "text_column": mapping.passage_text,
                     "image_column": mapping.passage_image},
+        feature_store=feature_store, image_root=data_args.image_root,
     )
 
 
@@ -195,7 +197,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> 
         on_missing_positive=data_args.on_missing_positive,
         feature_store=store,
         image_root=data_args.image_root,
-        evaluator=build_evaluator(data_args, processing, training_args.passage_max_length),
+        evaluator=build_evaluator(data_args, processing, training_args.passage_max_length, store),
     )
     resume = training_args.resume_from_checkpoint
     if resume == "last":
