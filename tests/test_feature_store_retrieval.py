@@ -193,3 +193,58 @@ def test_missing_keys_nan_and_changed_store_are_refused(saved_model, tmp_path, c
     encode.encode_knowledge_base(model, tokenizer, kb, tmp_path / "emb", progress=False,
                                  feature_store=save_store(unrelated, tmp_path / "bigger.npz"))  # fmt: skip
     encode.check_knowledge_base(tmp_path / "emb", kb, feature_store=store_path)
+
+
+@torch.no_grad()
+def test_extract_features_folder_as_store_equals_the_vision_tower_path(tmp_path):
+    """extract-features -> encode (--feature_store FOLDER) gives the embeddings of the model run on the photos with
+    its own vision tower (pixel_values), and search over them equals numpy brute force."""
+    from conftest import randomize_, tiny_config_kwargs
+    from PIL import Image
+    from skimage import data as skdata
+
+    from vl_joint_encoder import JointEncoderConfig, JointEncoderModel, JointEncoderProcessor
+    from vl_joint_encoder.extract_features import extract_features
+    from vl_joint_encoder.tokenization import train_vl_t5_tokenizer
+    from vl_joint_encoder.vision import tiny_clip_vision_config
+
+    (tmp_path / "photos").mkdir()
+    names = ("astronaut", "coffee", "chelsea")
+    for name in names:
+        Image.fromarray(getattr(skdata, name)()).save(tmp_path / "photos" / f"{name}.png")
+    kb = [{**row, "image": names[i % 3]} for i, row in enumerate(make_kb(9))]
+    tokenizer = train_vl_t5_tokenizer([r["text"] for r in kb] * 3, vocab_size=40)
+    config = JointEncoderConfig(**tiny_config_kwargs(vocab_size=len(tokenizer), feat_dim=32),
+                                vision_config=tiny_clip_vision_config(), vision_feature_select="cls_patch")  # fmt: skip
+    torch.manual_seed(0)
+    model = randomize_(JointEncoderModel(config)).eval()
+    processor = JointEncoderProcessor.from_model_config(config, tokenizer)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    extract_features(str(tmp_path / "photos"), str(tmp_path / "feats"), str(tmp_path / "model"), batch_size=2)
+    (tmp_path / "kb.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kb))
+    queries = [{"id": "q0", "question": "who", "image": "chelsea"}, {"id": "q1", "question": "x", "image": "coffee"}]
+    (tmp_path / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    model_path = str(tmp_path / "model")
+    assert encode.main(["--model", model_path, "--kb", str(tmp_path / "kb.jsonl"), "--output_dir", str(tmp_path / "emb"),
+                        "--feature_store", str(tmp_path / "feats"), "--batch_size", "4", "--cpu"]) == 0  # fmt: skip
+    assert search.search_main(["--model", model_path, "--queries", str(tmp_path / "queries.jsonl"), "--embeddings",
+                               str(tmp_path / "emb"), "--feature-store", str(tmp_path / "feats"), "--output",
+                               str(tmp_path / "run.json"), "--device", "cpu"]) == 0  # fmt: skip
+
+    def tower(text, name):  # the model's own vision tower on the photo file, alone, L2-normalised
+        inputs = processor(text=[text], images=[str(tmp_path / "photos" / f"{name}.png")], return_tensors="pt")
+        return torch.nn.functional.normalize(model(**inputs).pooler_output, dim=-1)[0].numpy()
+
+    kb_ref = np.stack([tower(r["text"], r["image"]) for r in kb])
+    embeddings, positions = EmbeddingStore(tmp_path / "emb").load_all()
+    np.testing.assert_allclose(embeddings.numpy()[np.argsort(positions.numpy())], kb_ref, atol=1e-5, rtol=0)
+    q_ref = np.stack([tower(q["question"], q["image"]) for q in queries])
+    run = json.loads((tmp_path / "run.json").read_text())
+    ref_scores, ref_order = brute_force(q_ref, kb_ref, 9, "cosine")
+    for i, query in enumerate(queries):
+        assert list(run[query["id"]]) == [kb[j]["id"] for j in ref_order[i]]
+        np.testing.assert_allclose(list(run[query["id"]].values()), ref_scores[i], atol=1e-5)
+    manifest = json.loads((tmp_path / "emb" / "manifest.json").read_text())
+    assert manifest["feature_store"] == {"path": str(tmp_path / "feats"), "sha256": manifest["feature_store"]["sha256"],
+                                         "keys": 3}  # fmt: skip

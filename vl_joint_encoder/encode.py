@@ -206,8 +206,8 @@ def encode_knowledge_base(
     `.encode(**batch)` and `.config.similarity`) into `output_dir`. Resumes an interrupted run of the same job.
 
     `image` cells are file paths (relative to `image_root`), `datasets.Image` cells, PIL images, or keys of
-    `feature_store` (a `.npz` / `.safetensors` path or a loaded mapping, `data.load_feature_store`: precomputed
-    visual features). Every reference is checked before encoding starts; the plan records a hash of the referenced
+    `feature_store` (precomputed visual features: a `.npz` / `.safetensors` path, an extract-features output folder,
+    or a loaded mapping; see `visual_references.open_feature_store`). Every reference is checked before encoding starts; the plan records a hash of the referenced
     features (and `image_root`), so that an encoding is not resumed over a changed store.
 
     `state`: an `accelerate.PartialState` when launched with several processes (each encodes shards rank, rank +
@@ -433,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image_column", default="image")
     parser.add_argument(
         "--feature_store",
-        help=".npz / .safetensors of precomputed visual features; image cells that are its keys use them",
+        help="precomputed visual features (.npz / .safetensors, or an extract-features folder); image cells that "
+        "are its keys use them",
     )
     parser.add_argument("--image_root", help="folder that relative image paths are relative to")
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")

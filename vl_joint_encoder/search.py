@@ -284,7 +284,8 @@ def search_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image_column", default="image")
     parser.add_argument(
         "--feature_store",
-        help=".npz / .safetensors of precomputed visual features; query images that are its keys use them",
+        help="precomputed visual features (.npz / .safetensors, or an extract-features folder); query images "
+        "that are its keys use them",
     )
     parser.add_argument("--image_root", help="folder that relative image paths are relative to")
     parser.add_argument("--nprobe", type=int, default=32)

@@ -31,9 +31,10 @@ class LoadedFeatureStore(dict):
 
 def open_feature_store(feature_store: Any) -> tuple[Mapping[str, Any] | None, str | None]:
     """
-    `feature_store` (None, a `.npz` / `.safetensors` path, or an already loaded mapping) -> (mapping or None, its
-    absolute path or None). A path is read once with `data.load_feature_store` into a `LoadedFeatureStore`, which
-    keeps its path when passed on again.
+    `feature_store` -> (mapping or None, its absolute path or None). Accepted: None; a `.npz` / `.safetensors` file
+    (read once with `data.load_feature_store` into a `LoadedFeatureStore`, which keeps its path when passed on
+    again); a `vl-joint-encoder extract-features` output folder (`extract_features.FeatureStore`, shards read on
+    demand); or an already loaded mapping / any object with `in`, `[key]` and `keys()`.
     """
     if feature_store is None:
         return None, None
@@ -43,15 +44,25 @@ def open_feature_store(feature_store: Any) -> tuple[Mapping[str, Any] | None, st
         from .data import load_feature_store
 
         path = os.path.abspath(os.fspath(feature_store))
+        if os.path.isdir(path):
+            from .extract_features import FeatureStore
+
+            return FeatureStore(path), path
         if not os.path.isfile(path):
-            raise ValueError(f"feature store {path!r} does not exist: give the .npz / .safetensors file of features")
+            raise ValueError(
+                f"feature store {path!r} does not exist: give the .npz / .safetensors file of features or an "
+                f"extract-features output folder"
+            )
         store = LoadedFeatureStore(load_feature_store(path), path)
         logger.info(f"feature store {path}: {len(store)} keys")
         return store, path
-    if isinstance(feature_store, Mapping):
-        return feature_store, None
+    if isinstance(feature_store, Mapping) or all(
+        hasattr(feature_store, name) for name in ("__contains__", "__getitem__", "keys")
+    ):
+        return feature_store, getattr(feature_store, "output_dir", None)
     raise ValueError(
-        f"feature_store must be a .npz / .safetensors path or a mapping key -> features, got {type(feature_store).__name__}"
+        "feature_store must be a .npz / .safetensors path, an extract-features folder or a mapping key -> features, "
+        f"got {type(feature_store).__name__}"
     )
 
 
@@ -102,7 +113,7 @@ def check_image_references(
     shown = ", ".join(f"{ids[r]}: {_reference(images[r])!r}" for r in bad[:5])
     where = f" under image_root {image_root!r}" if image_root else ""
     if feature_store is not None:
-        examples = ", ".join(repr(k) for k in list(feature_store)[:3])
+        examples = ", ".join(repr(k) for k in list(feature_store.keys())[:3])
         raise ValueError(
             f"{len(bad)} {what} reference images that are neither keys of {describe_store(store_path)} nor existing "
             f"files{where}, e.g. {shown}. The store has {len(feature_store)} keys (e.g. {examples}): check that the "
