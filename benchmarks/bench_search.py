@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from vl_joint_encoder.exact_search import auto_chunk_rows, exact_top_k, tensor_chunks
+from vl_joint_encoder.retrieval.exact_search import auto_chunk_rows, exact_top_k, tensor_chunks
 
 
 def timed(fn, repeats: int, sync=None) -> float:
@@ -79,8 +79,8 @@ def bench_search(args) -> list[dict]:
 
 def bench_encode(args) -> dict:
     from vl_joint_encoder import JointEncoderConfig, JointEncoderModel
-    from vl_joint_encoder.encode import embed_batches
-    from vl_joint_encoder.tokenization import train_vl_t5_tokenizer
+    from vl_joint_encoder.retrieval.embed import embed_batches
+    from vl_joint_encoder.tokenization_joint_encoder import train_vl_t5_tokenizer
 
     words = "the tower bridge river castle painter born city museum song king queen war built year".split()
     rng = np.random.default_rng(0)

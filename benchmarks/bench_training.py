@@ -67,8 +67,8 @@ def make_batch(num_queries: int, device: str, generator: torch.Generator) -> dic
 
 def build(args):
     from vl_joint_encoder import JointEncoderConfig, JointEncoderModel
-    from vl_joint_encoder.grad_cache import grad_cache_step
-    from vl_joint_encoder.loss import InBatchContrastiveLoss
+    from vl_joint_encoder.training.grad_cache import grad_cache_step
+    from vl_joint_encoder.training.loss import InBatchContrastiveLoss
 
     torch.manual_seed(0)
     config = JointEncoderConfig(vocab_size=32200, feat_dim=FEAT_DIM, dropout_rate=args.dropout, **SIZES[args.size])

@@ -365,7 +365,7 @@ def _describe(keys: list[str], limit: int = 6) -> str:
 def write_model_card(result: ConversionResult, checkpoint: Path, repo_id: str | None, new_keys: list[str]):
     import transformers
 
-    from vl_joint_encoder.model_card import CITATIONS, render_model_card
+    from vl_joint_encoder.utils.model_cards import CITATIONS, render_model_card
 
     source_description = {
         "vl-t5": "VL-T5 (Cho et al., 2021)",
@@ -444,7 +444,7 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, commit_
 def _load_tokenizer(name_or_path: str, vocab_size: int | None):
     from transformers import AutoTokenizer
 
-    from vl_joint_encoder.tokenization import build_vl_t5_tokenizer
+    from vl_joint_encoder.tokenization_joint_encoder import build_vl_t5_tokenizer
 
     try:
         base = AutoTokenizer.from_pretrained(name_or_path)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from vl_joint_encoder import cli
+from vl_joint_encoder.commands import reference
 
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -28,7 +29,7 @@ def test_unknown_command_is_refused(capsys):
 
 @pytest.mark.parametrize("command", [c for c in cli.COMMANDS if c != "train"])
 def test_every_command_prints_its_help(command):
-    text = cli._help_text(command)
+    text = reference.help_text(command)
     assert text.startswith(f"usage: vl-joint-encoder {command}"), text[:200]
 
 
@@ -48,11 +49,41 @@ def test_both_spellings_of_long_options_are_accepted(tmp_path, capsys):
         cli.main(["index", "--embeddings", str(tmp_path), "--output-dir", str(tmp_path), "--no-such-option", "1"])
 
 
+def readme_reference() -> str:
+    """The package commands' reference, then the conversion script's help (a separate script, not a command)."""
+    import contextlib
+    import io
+    import os
+
+    from conversion.convert_vl_t5_checkpoint import build_parser
+
+    buffer, previous = io.StringIO(), os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(reference.HELP_COLUMNS)
+    try:
+        with contextlib.redirect_stdout(buffer):
+            build_parser().print_help()
+    finally:
+        os.environ.pop("COLUMNS") if previous is None else os.environ.__setitem__("COLUMNS", previous)
+    conversion = (
+        "<details><summary><code>python conversion/convert_vl_t5_checkpoint.py</code>: convert a VL-T5 / "
+        f"VL-Adapter / T5 checkpoint</summary>\n\n```text\n{buffer.getvalue().rstrip()}\n```\n\n</details>"
+    )
+    return reference.markdown_reference() + "\n\n" + conversion
+
+
 def test_readme_cli_reference_is_the_parsers_help():
     readme = README.read_text(encoding="utf-8")
     block = re.search(r"<!-- cli-help:begin -->\n(.*)\n<!-- cli-help:end -->", readme, re.S)
     assert block, "README.md lost its <!-- cli-help:begin/end --> markers"
-    assert block.group(1).strip() == cli.markdown_reference().strip(), (
-        "README's CLI reference is out of date: regenerate it with `python -m vl_joint_encoder.cli "
-        "--markdown-reference` and paste it between the cli-help markers"
+    assert block.group(1).strip() == readme_reference().strip(), (
+        "README's CLI reference is out of date: regenerate it with `python tests/test_cli.py` (from the repository "
+        "root)"
     )
+
+
+if __name__ == "__main__":  # regenerate the README's CLI reference in place
+    sys.path.insert(0, str(README.parent))  # the repository root: `conversion` is importable
+    text = README.read_text(encoding="utf-8")
+    begin, end = "<!-- cli-help:begin -->\n", "\n<!-- cli-help:end -->"
+    head, rest = text.split(begin, 1)
+    README.write_text(head + begin + readme_reference() + end + rest.split(end, 1)[1], encoding="utf-8")

@@ -22,7 +22,7 @@ from conversion.key_map import (
     unsupported_variants,
 )
 from vl_joint_encoder import JointEncoderConfig, JointEncoderModel
-from vl_joint_encoder.model_card import render_model_card
+from vl_joint_encoder.utils.model_cards import render_model_card
 
 
 ATOL = 1e-5
@@ -263,7 +263,7 @@ def test_vl_adapter_conversion_matches_the_reference(tmp_path, downsample):
 def test_t5_initialisation_equals_t5_encoder_on_text(tmp_path, feed_forward_proj):
     from transformers import AutoTokenizer, T5Config, T5EncoderModel, T5ForConditionalGeneration
 
-    from vl_joint_encoder.tokenization import train_vl_t5_tokenizer
+    from vl_joint_encoder.tokenization_joint_encoder import train_vl_t5_tokenizer
 
     texts = ["the quick brown fox jumps over the lazy dog", "a photo of the eiffel tower in paris at night"] * 20
     base = train_vl_t5_tokenizer(texts, vocab_size=60, n_vis=0)  # a T5 tokenizer: pieces + 100 <extra_id_*>
@@ -432,7 +432,7 @@ def test_existing_output_directory_needs_overwrite_and_cli_reports(tmp_path, cap
 
 
 def test_tokenizer_that_does_not_fit_the_embedding_is_refused(tmp_path):
-    from vl_joint_encoder.tokenization import train_vl_t5_tokenizer
+    from vl_joint_encoder.tokenization_joint_encoder import train_vl_t5_tokenizer
 
     base = train_vl_t5_tokenizer(["a photo of a bridge over a river"] * 10, vocab_size=40, n_vis=0)
     base.save_pretrained(tmp_path / "t5-tokenizer")

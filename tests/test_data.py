@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vl_joint_encoder.data import ColumnMapping, load_feature_store, load_table, prepare_training_data
+from vl_joint_encoder.data.feature_stores import open_feature_store
+from vl_joint_encoder.data.tables import ColumnMapping, load_table, prepare_training_data
 
 
 def viquae_like():
@@ -79,13 +80,13 @@ def test_image_column_is_not_decoded():
         ([{"id": "a", "question": "q", "positive_ids": ["x", "nope"], "negative_ids": ["gone"]}],
          [{"id": "x", "text": "t"}], "'a'->'nope', 'a'->'gone'"),
         ([{"id": "a", "question": "q", "positive_ids": ["x"]}],
-         [{"id": "x", "text": "t"}, {"id": "x", "text": "u"}], "duplicate ids"),
+         [{"id": "x", "text": "t"}, {"id": "x", "text": "u"}], "1 duplicate passage ids, e.g. 'x'"),
         ([{"id": "a", "question": "q", "positive_ids": ["x"]}],
          [{"id": "x", "text": "t"}, {"id": "y", "text": "  "}], "empty text and no image (ids 'y')"),
         ([{"id": "a", "question": " ", "positive_ids": ["x"]}], [{"id": "x", "text": "t"}], "empty question"),
         ([{"id": "a", "quest": "q", "positive_ids": ["x"]}], [{"id": "x", "text": "t"}], "question='question'"),
         ([{"id": "a", "question": "q", "positive_ids": ["x"]}, {"id": "a", "question": "r", "positive_ids": ["x"]}],
-         [{"id": "x", "text": "t"}], "duplicate ids: 'a'"),
+         [{"id": "x", "text": "t"}], "1 duplicate query ids, e.g. 'a'"),
         ([{"id": "a", "question": "q", "positive_ids": []}], [{"id": "x", "text": "t"}], "no query with a positive"),
     ],
 )
@@ -106,15 +107,16 @@ def test_missing_positive_error_option():
 def test_feature_store_file(tmp_path):
     feats, pos = np.ones((3, 4), np.float32), np.full((3, 4), 0.5, np.float32)
     np.savez(tmp_path / "store.npz", **{"ent": feats, "ent.visual_pos": pos, "other": feats * 2})
-    store = load_feature_store(tmp_path / "store.npz")
+    store = open_feature_store(tmp_path / "store.npz")
     assert sorted(store) == ["ent", "other"]
     np.testing.assert_array_equal(store["ent"]["visual_pos"], pos)
     assert store["other"]["visual_pos"] is None
 
 
 def test_data_report_counts(tmp_path, capsys):
-    from vl_joint_encoder.data_report import data_report, main
-    from vl_joint_encoder.tokenization import train_vl_t5_tokenizer
+    from vl_joint_encoder.commands.data_report import main
+    from vl_joint_encoder.data.report import data_report
+    from vl_joint_encoder.tokenization_joint_encoder import train_vl_t5_tokenizer
 
     tokenizer = train_vl_t5_tokenizer(["the cat sat on the mat", "a dog ran in the park"] * 5, vocab_size=40)
     tokenizer.save_pretrained(tmp_path / "tok")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from vl_joint_encoder.demo import build_toy_world, main, write_toy_world
+from vl_joint_encoder.commands.demo import main
+from vl_joint_encoder.demo.toy_world import build_toy_world, write_toy_world
 from vl_joint_encoder.demo.render import render_sigil
 from vl_joint_encoder.demo.run import chance_mrr_at_10
 
@@ -99,7 +100,7 @@ def test_entities_look_different_and_renderings_stay_close_to_their_entity():
 
 
 def test_written_data_is_in_the_package_format(tmp_path):
-    from vl_joint_encoder.data import prepare_training_data
+    from vl_joint_encoder.data.tables import prepare_training_data
 
     world = build_toy_world(num_entities=4, num_unseen_entities=1, num_attributes=3, train_renderings=1)
     paths = write_toy_world(world, str(tmp_path))
@@ -218,7 +219,7 @@ def test_demo_is_reproducible(tmp_path):
 
 def test_tokenizer_training_is_deterministic():
     """The same texts give the same tokenizer (the Unigram trainer alone orders its added characters by hash)."""
-    from vl_joint_encoder.tokenization import train_vl_t5_tokenizer
+    from vl_joint_encoder.tokenization_joint_encoder import train_vl_t5_tokenizer
 
     world = build_toy_world(num_entities=48, num_unseen_entities=16, train_renderings=1, seed=0, image_size=16)
     texts = [row["text"] for row in world.kb] + [row["question"] for row in world.splits["train"]]

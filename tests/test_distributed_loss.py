@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from scripts.tiny_retrieval import contrastive_batch, tiny_model
 
-from vl_joint_encoder import distributed
-from vl_joint_encoder.loss import InBatchContrastiveLoss
+from vl_joint_encoder.training import distributed
+from vl_joint_encoder.training.loss import InBatchContrastiveLoss
 
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "distributed_loss.py")

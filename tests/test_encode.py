@@ -11,9 +11,10 @@ import torch
 from conftest import randomize_, tiny_config_kwargs
 from safetensors.torch import load_file
 
-from vl_joint_encoder import JointEncoderConfig, JointEncoderModel, encode
-from vl_joint_encoder.embedding_store import EmbeddingStore
-from vl_joint_encoder.tokenization import train_vl_t5_tokenizer
+from vl_joint_encoder import JointEncoderConfig, JointEncoderModel
+from vl_joint_encoder.retrieval import encode
+from vl_joint_encoder.retrieval.store import EmbeddingStore
+from vl_joint_encoder.tokenization_joint_encoder import train_vl_t5_tokenizer
 
 
 WORDS = "the a tower bridge river castle painter born city museum song king queen war built year north old".split()
@@ -164,7 +165,7 @@ def test_two_process_accelerate_launch_equals_one_process(saved_model, tmp_path)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vl_joint_encoder.encode", "--cpu",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vl_joint_encoder", "encode", "--cpu",
         "--model", model_path, "--kb", str(tmp_path / "kb.jsonl"), "--output_dir", str(tmp_path / "two"),
         "--batch_size", "8", "--shard_size", "20", "--max_length", "512",
     ]  # fmt: skip

@@ -11,8 +11,10 @@ from PIL import Image
 from skimage import data as skdata
 
 from vl_joint_encoder import JointEncoderConfig, JointEncoderModel, JointEncoderProcessor
-from vl_joint_encoder.extract_features import FeatureStore, extract_features, main
-from vl_joint_encoder.tokenization import train_vl_t5_tokenizer
+from vl_joint_encoder.commands.extract_features import main
+from vl_joint_encoder.data.extraction import extract_features
+from vl_joint_encoder.data.feature_stores import ExtractedFeatureStore as FeatureStore
+from vl_joint_encoder.tokenization_joint_encoder import train_vl_t5_tokenizer
 from vl_joint_encoder.vision import tiny_clip_vision_config
 
 

@@ -7,8 +7,8 @@ import torch
 from conftest import tiny_config_kwargs
 
 from vl_joint_encoder import JointEncoderConfig, JointEncoderModel, JointEncoderProcessor
-from vl_joint_encoder.feature_readers import CLIPGridFeatures, FasterRCNNFeatures, open_feature_file
-from vl_joint_encoder.tokenization import train_vl_t5_tokenizer
+from vl_joint_encoder.data.feature_stores import CLIPGridFeatures, FasterRCNNFeatures, open_feature_file
+from vl_joint_encoder.tokenization_joint_encoder import train_vl_t5_tokenizer
 
 
 def write_vl_t5_file(path, images):

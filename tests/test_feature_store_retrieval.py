@@ -10,10 +10,12 @@ import torch
 from test_encode import make_kb, saved_model  # noqa: F401 - module fixture reused
 from test_search import brute_force
 
-from vl_joint_encoder import encode, search
-from vl_joint_encoder.data import load_feature_store
-from vl_joint_encoder.embedding_store import EmbeddingStore
-from vl_joint_encoder.evaluation import RetrievalEvaluator
+from vl_joint_encoder.commands import encode as encode_command
+from vl_joint_encoder.commands import search as search_command
+from vl_joint_encoder.data.feature_stores import open_feature_store
+from vl_joint_encoder.retrieval import embed, encode
+from vl_joint_encoder.retrieval.store import EmbeddingStore
+from vl_joint_encoder.retrieval.evaluator import RetrievalEvaluator
 
 
 FEAT_DIM = 16  # tiny_config_kwargs
@@ -67,10 +69,10 @@ def test_kb_and_queries_as_store_keys_equal_the_model_through_the_processor(save
     (tmp_path / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
 
     # the CLIs, with both option spellings
-    assert encode.main(["--model", model_path, "--kb", str(tmp_path / "kb.jsonl"), "--output-dir",
+    assert encode_command.main(["--model", model_path, "--kb", str(tmp_path / "kb.jsonl"), "--output-dir",
                         str(tmp_path / "emb"), "--feature-store", store_path, "--batch_size", "8",
                         "--shard_size", "16", "--max_length", "512", "--cpu"]) == 0  # fmt: skip
-    assert search.search_main(["--model", model_path, "--queries", str(tmp_path / "queries.jsonl"), "--embeddings",
+    assert search_command.main(["--model", model_path, "--queries", str(tmp_path / "queries.jsonl"), "--embeddings",
                                str(tmp_path / "emb"), "--feature_store", store_path, "--output",
                                str(tmp_path / "run.json"), "--k", "10", "--device", "cpu"]) == 0  # fmt: skip
 
@@ -78,7 +80,7 @@ def test_kb_and_queries_as_store_keys_equal_the_model_through_the_processor(save
     q_ref = np.stack([reference_embedding(model, tokenizer, q["question"], q["image"], arrays) for q in queries])
     embeddings, positions = EmbeddingStore(tmp_path / "emb").load_all()
     np.testing.assert_allclose(embeddings.numpy()[np.argsort(positions.numpy())], kb_ref, atol=1e-6, rtol=0)
-    q_emb = search.encode_queries(
+    q_emb = embed.embed_batches(
         model, tokenizer, [q["question"] for q in queries], [q["image"] for q in queries], batch_size=3,
         feature_store=store_path,
     )
@@ -106,9 +108,9 @@ def test_feature_files_under_image_root_equal_store_keys(saved_model, tmp_path):
         np.savez(tmp_path / "feats" / f"e{k}.npz", visual_feats=arrays[f"e{k}"], visual_pos=arrays[f"e{k}.visual_pos"])
     texts = [r["text"] for r in make_kb(5)]
     keys = [f"e{i % 3}" for i in range(5)]
-    from_store = encode.embed_batches(model, tokenizer, texts, keys, batch_size=2, feature_store=load_feature_store(
+    from_store = embed.embed_batches(model, tokenizer, texts, keys, batch_size=2, feature_store=open_feature_store(
         save_store(arrays, tmp_path / "s.npz")))  # fmt: skip
-    from_files = encode.embed_batches(
+    from_files = embed.embed_batches(
         model, tokenizer, texts, [f"feats/{k}.npz" for k in keys], batch_size=2, image_root=str(tmp_path)
     )
     assert torch.equal(from_store, from_files)
@@ -160,12 +162,12 @@ def test_missing_keys_nan_and_changed_store_are_refused(saved_model, tmp_path, c
     # the CLIs: a clear message and exit code 2
     (tmp_path / "queries.jsonl").write_text(json.dumps({"id": "qx", "question": "x", "image": "e77"}) + "\n")
     encode.encode_knowledge_base(model, tokenizer, kb, tmp_path / "emb", feature_store=store_path, progress=False)
-    assert search.search_main(["--model", model_path, "--queries", str(tmp_path / "queries.jsonl"), "--embeddings",
+    assert search_command.main(["--model", model_path, "--queries", str(tmp_path / "queries.jsonl"), "--embeddings",
                                str(tmp_path / "emb"), "--feature_store", store_path, "--output",
                                str(tmp_path / "run.json")]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "1 queries have no image" in err and "qx: 'e77'" in err and "features.npz" in err, err
-    assert search.search_main(["--model", model_path, "--queries", str(tmp_path / "queries.jsonl"), "--embeddings",
+    assert search_command.main(["--model", model_path, "--queries", str(tmp_path / "queries.jsonl"), "--embeddings",
                                str(tmp_path / "emb"), "--feature_store", str(tmp_path / "nope.npz"), "--output",
                                str(tmp_path / "run.json")]) == 2  # fmt: skip
     assert "nope.npz' does not exist" in capsys.readouterr().err
@@ -179,7 +181,7 @@ def test_missing_keys_nan_and_changed_store_are_refused(saved_model, tmp_path, c
     poisoned["e4"][1, 3] = np.nan
     with pytest.raises(ValueError, match="feature-store key 'e4' holds 1 NaN/infinite values"):
         encode.encode_knowledge_base(model, tokenizer, kb, tmp_path / "nan", progress=False,
-                                     feature_store=load_feature_store(save_store(poisoned, tmp_path / "nan.npz")))  # fmt: skip
+                                     feature_store=open_feature_store(save_store(poisoned, tmp_path / "nan.npz")))  # fmt: skip
 
     # resuming over a changed store: refused when a referenced key's arrays changed, accepted otherwise
     changed = dict(arrays)
@@ -204,8 +206,8 @@ def test_extract_features_folder_as_store_equals_the_vision_tower_path(tmp_path)
     from skimage import data as skdata
 
     from vl_joint_encoder import JointEncoderConfig, JointEncoderModel, JointEncoderProcessor
-    from vl_joint_encoder.extract_features import extract_features
-    from vl_joint_encoder.tokenization import train_vl_t5_tokenizer
+    from vl_joint_encoder.data.extraction import extract_features
+    from vl_joint_encoder.tokenization_joint_encoder import train_vl_t5_tokenizer
     from vl_joint_encoder.vision import tiny_clip_vision_config
 
     (tmp_path / "photos").mkdir()
@@ -226,9 +228,9 @@ def test_extract_features_folder_as_store_equals_the_vision_tower_path(tmp_path)
     queries = [{"id": "q0", "question": "who", "image": "chelsea"}, {"id": "q1", "question": "x", "image": "coffee"}]
     (tmp_path / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
     model_path = str(tmp_path / "model")
-    assert encode.main(["--model", model_path, "--kb", str(tmp_path / "kb.jsonl"), "--output_dir", str(tmp_path / "emb"),
+    assert encode_command.main(["--model", model_path, "--kb", str(tmp_path / "kb.jsonl"), "--output_dir", str(tmp_path / "emb"),
                         "--feature_store", str(tmp_path / "feats"), "--batch_size", "4", "--cpu"]) == 0  # fmt: skip
-    assert search.search_main(["--model", model_path, "--queries", str(tmp_path / "queries.jsonl"), "--embeddings",
+    assert search_command.main(["--model", model_path, "--queries", str(tmp_path / "queries.jsonl"), "--embeddings",
                                str(tmp_path / "emb"), "--feature-store", str(tmp_path / "feats"), "--output",
                                str(tmp_path / "run.json"), "--device", "cpu"]) == 0  # fmt: skip
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from scripts.tiny_retrieval import contrastive_batch, tiny_model
 
-from vl_joint_encoder.grad_cache import RandContext, grad_cache_step, split_inputs
-from vl_joint_encoder.loss import InBatchContrastiveLoss
+from vl_joint_encoder.training.grad_cache import RandContext, grad_cache_step, split_inputs
+from vl_joint_encoder.training.loss import InBatchContrastiveLoss
 
 
 def loss_kwargs(batch):

@@ -15,7 +15,7 @@ from reference_vl_t5 import reference_encoder
 from safetensors.torch import load_file
 from test_conversion import inputs, original_checkpoint
 
-from vl_joint_encoder.tokenization import train_vl_t5_tokenizer
+from vl_joint_encoder.tokenization_joint_encoder import train_vl_t5_tokenizer
 
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vl_joint_encoder import JointEncoderConfig
-from vl_joint_encoder.loss import InBatchContrastiveLoss
+from vl_joint_encoder.training.loss import InBatchContrastiveLoss
 
 
 # 3 queries, 6 passages in 2-D so every score can be checked by eye.

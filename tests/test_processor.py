@@ -15,7 +15,7 @@ from transformers import AutoProcessor
 
 from vl_joint_encoder import JointEncoderConfig, JointEncoderModel, JointEncoderProcessor
 from vl_joint_encoder.images import ImageLoadError
-from vl_joint_encoder.tokenization import train_vl_t5_tokenizer
+from vl_joint_encoder.tokenization_joint_encoder import train_vl_t5_tokenizer
 
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])

@@ -7,8 +7,12 @@ import pytest
 import torch
 from test_encode import make_kb, saved_model  # noqa: F401 - module fixture reused
 
-from vl_joint_encoder import encode, ir_metrics, search
-from vl_joint_encoder.exact_search import exact_top_k, tensor_chunks
+from vl_joint_encoder.commands import encode as encode_command
+from vl_joint_encoder.commands import evaluate as evaluate_command
+from vl_joint_encoder.commands import index as index_command
+from vl_joint_encoder.commands import search as search_command
+from vl_joint_encoder.retrieval import metrics, runs
+from vl_joint_encoder.retrieval.exact_search import exact_top_k, tensor_chunks
 
 
 def brute_force(queries, passages, k, similarity):
@@ -94,11 +98,11 @@ def test_encode_index_search_evaluate_clis(saved_model, tmp_path, capsys):  # no
     qrels = {f"q{i}": {f"p{i * 7}": 1} for i in range(6)}
     (tmp_path / "qrels.json").write_text(json.dumps(qrels))
     common = ["--model", model_path]
-    assert encode.main(common + ["--kb", str(tmp_path / "kb.jsonl"), "--output_dir", str(tmp_path / "emb"),
+    assert encode_command.main(common + ["--kb", str(tmp_path / "kb.jsonl"), "--output_dir", str(tmp_path / "emb"),
                                  "--shard_size", "16", "--batch_size", "8", "--cpu"]) == 0  # fmt: skip
     search_args = common + ["--queries", str(tmp_path / "queries.jsonl"), "--embeddings", str(tmp_path / "emb")]
-    assert search.search_main(search_args + ["--output", str(tmp_path / "run.json"), "--k", "100"]) == 0
-    assert search.search_main(search_args + ["--output", str(tmp_path / "run.trec"), "--k", "5"]) == 0
+    assert search_command.main(search_args + ["--output", str(tmp_path / "run.json"), "--k", "100"]) == 0
+    assert search_command.main(search_args + ["--output", str(tmp_path / "run.trec"), "--k", "5"]) == 0
     run = json.loads((tmp_path / "run.json").read_text())
     # reference: embed with the model directly, numpy brute-force cosine
     with torch.no_grad():
@@ -109,24 +113,24 @@ def test_encode_index_search_evaluate_clis(saved_model, tmp_path, capsys):  # no
         assert len(run[query["id"]]) == 60  # k=100 > KB size
         assert list(run[query["id"]]) == [kb[j]["id"] for j in ref_order[i]]
         np.testing.assert_allclose(list(run[query["id"]].values()), ref_scores[i], atol=1e-5)
-    trec = ir_metrics.load_run(tmp_path / "run.trec")
+    trec = runs.load_run(tmp_path / "run.trec")
     assert {q: list(d) for q, d in trec.items()} == {q: list(d)[:5] for q, d in run.items()}
-    assert ir_metrics.main(["--run", str(tmp_path / "run.json"), "--qrels", str(tmp_path / "qrels.json")]) == 0
-    assert ir_metrics.mrr(qrels, run, k=10) == 1.0  # each query is its passage's text
+    assert evaluate_command.main(["--run", str(tmp_path / "run.json"), "--qrels", str(tmp_path / "qrels.json")]) == 0
+    assert metrics.evaluate(qrels, run, ["mrr@10"])["mrr@10"] == 1.0  # each query is its passage's text
 
     pytest.importorskip("faiss")
-    assert search.index_main(["--embeddings", str(tmp_path / "emb"), "--output_dir", str(tmp_path / "flat")]) == 0
+    assert index_command.main(["--embeddings", str(tmp_path / "emb"), "--output_dir", str(tmp_path / "flat")]) == 0
     assert (
-        search.search_main(search_args + ["--index", str(tmp_path / "flat"), "--output", str(tmp_path / "f.json")])
+        search_command.main(search_args + ["--index", str(tmp_path / "flat"), "--output", str(tmp_path / "f.json")])
         == 0
     )
     faiss_run = json.loads((tmp_path / "f.json").read_text())
     assert {q: list(d)[:10] for q, d in faiss_run.items()} == {q: list(d)[:10] for q, d in run.items()}
-    assert search.index_main(["--embeddings", str(tmp_path / "emb"), "--output_dir", str(tmp_path / "hnsw"),
+    assert index_command.main(["--embeddings", str(tmp_path / "emb"), "--output_dir", str(tmp_path / "hnsw"),
                               "--kind", "hnsw"]) == 0  # fmt: skip
-    assert search.index_main(["--embeddings", str(tmp_path / "emb"), "--output_dir", str(tmp_path / "ivf"),
+    assert index_command.main(["--embeddings", str(tmp_path / "emb"), "--output_dir", str(tmp_path / "ivf"),
                               "--kind", "ivf", "--nlist", "4"]) == 0  # fmt: skip
-    assert search.search_main(search_args + ["--index", str(tmp_path / "ivf"), "--output", str(tmp_path / "i.json"),
+    assert search_command.main(search_args + ["--index", str(tmp_path / "ivf"), "--output", str(tmp_path / "i.json"),
                                              "--nprobe", "4"]) == 0  # fmt: skip
     ivf_run = json.loads((tmp_path / "i.json").read_text())
     assert all(list(ivf_run[q])[0] == list(run[q])[0] for q in run)  # nprobe = nlist: exhaustive
@@ -137,18 +141,18 @@ def test_encode_index_search_evaluate_clis(saved_model, tmp_path, capsys):  # no
     other.save_pretrained(tmp_path / "other")
     tokenizer.save_pretrained(tmp_path / "other")
     argv = ["--model", str(tmp_path / "other")] + search_args[2:] + ["--output", str(tmp_path / "x.json")]
-    assert search.search_main(argv) == 2
+    assert search_command.main(argv) == 2
     assert "encoded by another model" in capsys.readouterr().err
     with_images = [{"id": "q0", "question": "x", "image": str(tmp_path / "nope.jpg")}]
     (tmp_path / "img_queries.jsonl").write_text(json.dumps(with_images[0]) + "\n")
     argv = common + ["--queries", str(tmp_path / "img_queries.jsonl"), "--embeddings", str(tmp_path / "emb")]
-    assert search.search_main(argv + ["--output", str(tmp_path / "y.json")]) == 2
+    assert search_command.main(argv + ["--output", str(tmp_path / "y.json")]) == 2
     assert "1 queries have no image" in capsys.readouterr().err
-    assert search.search_main(search_args + ["--output", str(tmp_path / "z.json"), "--k", "0"]) == 2
+    assert search_command.main(search_args + ["--output", str(tmp_path / "z.json"), "--k", "0"]) == 2
 
 
 def test_retrieval_evaluator(saved_model):  # noqa: F811
-    from vl_joint_encoder.evaluation import RetrievalEvaluator
+    from vl_joint_encoder.retrieval.evaluator import RetrievalEvaluator
 
     _, model, tokenizer = saved_model
     kb = make_kb(40)
@@ -160,6 +164,6 @@ def test_retrieval_evaluator(saved_model):  # noqa: F811
     # a different query tower: same code path, metrics from the search run, equal to ranx-convention ir_metrics
     other = type(model)(model.config).eval()
     run = evaluator.run(other, model)
-    assert evaluator(other, model) == ir_metrics.evaluate(evaluator.qrels, run, evaluator.metrics)
+    assert evaluator(other, model) == metrics.evaluate(evaluator.qrels, run, evaluator.metrics)
     with pytest.raises(ValueError, match="unknown metric"):
         RetrievalEvaluator(queries, kb, tokenizer, metrics=["mrr10"])

@@ -13,8 +13,8 @@ from synthetic_retrieval import all_texts, make_task
 from transformers import AutoModel
 
 from vl_joint_encoder import JointEncoderConfig, JointEncoderModel
-from vl_joint_encoder.tokenization import train_vl_t5_tokenizer
-from vl_joint_encoder.train import main
+from vl_joint_encoder.tokenization_joint_encoder import train_vl_t5_tokenizer
+from vl_joint_encoder.commands.train import main
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_two_process_accelerate_launch_on_cpu(workdir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "vl_joint_encoder.train", str(path)]
+               "-m", "vl_joint_encoder", "train", str(path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Total train batch size (w. parallel, distributed & accumulation) = 8" in result.stderr

@@ -9,7 +9,7 @@ from skimage import data as skdata
 from transformers import AutoModel, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPVisionModel, SiglipVisionModel
 
 from vl_joint_encoder import JointEncoderConfig, JointEncoderModel, JointEncoderProcessor
-from vl_joint_encoder.tokenization import train_vl_t5_tokenizer
+from vl_joint_encoder.tokenization_joint_encoder import train_vl_t5_tokenizer
 from vl_joint_encoder.vision import (
     attach_vision_tower,
     processor_for_tower,

@@ -1,34 +1,81 @@
 """vl-joint-encoder: the VL-T5 / VL-Adapter joint encoder as a Hugging Face transformers model and dense retriever.
 
-Importing the package registers `JointEncoderConfig` / `JointEncoderModel` with `AutoConfig` / `AutoModel`, and marks
-them for export as remote code (so `save_pretrained` writes `auto_map` and copies the two files next to the weights).
+`import vl_joint_encoder` is light: it imports neither torch nor transformers. It registers `JointEncoderConfig`,
+`JointEncoderModel` and `JointEncoderProcessor` with `AutoConfig` / `AutoModel` / `AutoProcessor` as soon as
+transformers loads those Auto classes (see `registration`), and marks them for export as remote code. The names below
+are imported on first use (PEP 562 module `__getattr__`), so `from vl_joint_encoder import JointEncoderModel` loads
+the model code only, and the trainer or the retrieval code only when asked for.
+
+Layout (lower layers never import higher ones; `layers.txt` lists them and a test checks it):
+    configuration / modeling / processing / tokenization_joint_encoder, images, vision, bi_encoder   the model
+    data/        tables (ColumnMapping, queries and KB), references, feature stores, inputs (the batch builder)
+    retrieval/   embed (model loading, batching, fingerprints), encode, store, search, metrics (ranx), evaluator
+    training/    arguments, collator, loss, grad_cache, distributed, freezing, trainer, model card
+    commands/    one module per `vl-joint-encoder` command, arguments as dataclasses; cli.py dispatches
 """
 
-from transformers import AutoConfig, AutoModel, AutoProcessor
+from __future__ import annotations
 
-from .bi_encoder import JointEncoderBiEncoder
-from .configuration_joint_encoder import JointEncoderConfig
-from .evaluation import RetrievalEvaluator
-from .modeling_joint_encoder import JointEncoderModel, JointEncoderOutput, JointEncoderPreTrainedModel
-from .processing_joint_encoder import JointEncoderProcessor
+import importlib
+from typing import TYPE_CHECKING
+
+from . import registration
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-AutoConfig.register(JointEncoderConfig.model_type, JointEncoderConfig, exist_ok=True)
-AutoModel.register(JointEncoderConfig, JointEncoderModel, exist_ok=True)
-JointEncoderConfig.register_for_auto_class()
-JointEncoderModel.register_for_auto_class("AutoModel")
-AutoProcessor.register(JointEncoderConfig, JointEncoderProcessor, exist_ok=True)
-JointEncoderProcessor.register_for_auto_class()
+# public name -> module (relative to this package) that defines it
+_EXPORTS = {
+    "JointEncoderConfig": "configuration_joint_encoder",
+    "JointEncoderModel": "modeling_joint_encoder",
+    "JointEncoderOutput": "modeling_joint_encoder",
+    "JointEncoderPreTrainedModel": "modeling_joint_encoder",
+    "JointEncoderProcessor": "processing_joint_encoder",
+    "JointEncoderBiEncoder": "bi_encoder",
+    "ColumnMapping": "data.tables",
+    "RetrievalEvaluator": "retrieval.evaluator",
+    "InBatchContrastiveLoss": "training.loss",
+    "JointEncoderTrainer": "training.trainer",
+    "JointEncoderTrainingArguments": "training.arguments",
+}
 
 __all__ = [
+    "ColumnMapping",
+    "InBatchContrastiveLoss",
+    "JointEncoderBiEncoder",
     "JointEncoderConfig",
     "JointEncoderModel",
     "JointEncoderOutput",
     "JointEncoderPreTrainedModel",
     "JointEncoderProcessor",
-    "JointEncoderBiEncoder",
+    "JointEncoderTrainer",
+    "JointEncoderTrainingArguments",
     "RetrievalEvaluator",
     "__version__",
 ]
+
+registration.install()
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # the next access is a plain attribute lookup
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names come from __getattr__
+    from .bi_encoder import JointEncoderBiEncoder
+    from .configuration_joint_encoder import JointEncoderConfig
+    from .data.tables import ColumnMapping
+    from .modeling_joint_encoder import JointEncoderModel, JointEncoderOutput, JointEncoderPreTrainedModel
+    from .processing_joint_encoder import JointEncoderProcessor
+    from .retrieval.evaluator import RetrievalEvaluator
+    from .training.arguments import JointEncoderTrainingArguments
+    from .training.loss import InBatchContrastiveLoss
+    from .training.trainer import JointEncoderTrainer

@@ -98,9 +98,122 @@ def normalize_boxes(
     return np.clip(boxes, 0.0, 1.0).astype(np.float32)
 
 
+def visual_feature_inputs(
+    visual_feats: Sequence[Any],
+    boxes: Sequence[Any] | None = None,
+    image_size: Sequence[Any] | None = None,
+    batch_size: int | None = None,
+    feat_dim: int | None = None,
+    n_images: int | None = None,
+    box_tolerance: float = 0.05,
+    sources: Sequence[str | None] | None = None,
+) -> dict[str, np.ndarray]:
+    """
+    Precomputed features of a batch -> padded model inputs: THE padding of visual tokens, used by the processor and
+    by the package's batch builder (`data.inputs`). One entry per query: an array (V, C), a list of arrays (one
+    per image), or None; `boxes` / `image_size` alike. Every array is checked (2-D, finite, `feat_dim` features per
+    token, one normalised box per token). `sources` names each query's features in error messages (e.g. the
+    feature-store key); default `visual_feats[q]`.
+
+    Returns numpy arrays `visual_feats` (B, V_max, C) float32, `visual_pos` (B, V_max, 4) in [0, 1],
+    `visual_attention_mask`, `image_order_ids` (index of the image of each token) and `object_order_ids` (index of
+    the token within its image), int64 (B, V_max); an empty dict when no query has features and `feat_dim` is unknown.
+    """
+    feat_dim_expected = feat_dim
+    if not isinstance(visual_feats, (list, tuple)):
+        raise ValueError("visual_feats must be a list with one entry per query: an array (V, C), a list, or None")
+    batch_size = len(visual_feats) if batch_size is None else batch_size
+    feats_q = _per_query(visual_feats, batch_size, "visual_feats")
+    boxes_q = _per_query(boxes, batch_size, "boxes")
+    sizes_q = _per_query(image_size, batch_size, "image_size")
+    rows = []  # per query: list of (feats (V_i, C), boxes (V_i, 4))
+    feat_dim = feat_dim_expected
+    for q in range(batch_size):
+        feats = feats_q[q]
+        if feats is None:
+            rows.append([])
+            continue
+        multi = isinstance(feats, (list, tuple)) and not (len(feats) and isinstance(feats[0], (int, float)))
+        multi = multi and all(f is None or np.ndim(f) == 2 for f in feats)
+        feats_list = list(feats) if multi else [feats]
+        n = len(feats_list)
+        box_list = _entry_list(boxes_q[q], n, multi, f"boxes[{q}]")
+        size_list = _entry_list(sizes_q[q], n, multi, f"image_size[{q}]", sizes=True)
+        if n_images is not None and n > n_images:
+            raise ValueError(f"query {q} has {n} images but the model takes at most n_images={n_images}")
+        images = []
+        for i, (f, b, s) in enumerate(zip(feats_list, box_list, size_list)):
+            name = sources[q] if sources is not None and sources[q] else f"visual_feats[{q}]"
+            where = name + (f"[{i}]" if multi else "")
+            f = _as_array(f, where)
+            if f.ndim != 2:
+                raise ValueError(f"{where} must be (num_tokens, feat_dim), got shape {f.shape}")
+            if not np.isfinite(f).all():
+                raise ValueError(
+                    f"{where} holds {int((~np.isfinite(f)).sum())} NaN/infinite values: the feature file is "
+                    f"corrupt or was written from a diverged extractor; re-extract it"
+                )
+            if feat_dim is None:
+                feat_dim = f.shape[1]
+            if f.shape[1] != feat_dim:
+                raise ValueError(
+                    f"{where} has {f.shape[1]} features per token but "
+                    + (f"the model expects feat_dim={feat_dim_expected}" if feat_dim_expected else f"others have {feat_dim}")
+                    + ": extract features with the backbone the model was trained with"
+                )
+            if b is None:
+                if s is not None:
+                    raise ValueError(f"image_size given for {where} but no boxes")
+                b = np.zeros((f.shape[0], 4), dtype=np.float32)
+            else:
+                b = normalize_boxes(_as_array(b, where.replace("visual_feats", "boxes")), s, box_tolerance,
+                                    where.replace("visual_feats", "boxes"))
+                if b.shape[0] != f.shape[0]:
+                    raise ValueError(f"{where} has {f.shape[0]} tokens but its boxes have {b.shape[0]}")
+            images.append((f, b))
+        rows.append(images)
+    most = max((sum(f.shape[0] for f, _ in images) for images in rows), default=0)
+    if feat_dim is None:
+        if feat_dim_expected is None:
+            return {}
+        feat_dim = feat_dim_expected
+    visual_feats_out = np.zeros((batch_size, most, feat_dim), dtype=np.float32)  # (B, V_max, C)
+    visual_pos = np.zeros((batch_size, most, 4), dtype=np.float32)  # (B, V_max, 4)
+    visual_attention_mask = np.zeros((batch_size, most), dtype=np.int64)  # (B, V_max)
+    image_order_ids = np.zeros((batch_size, most), dtype=np.int64)
+    object_order_ids = np.zeros((batch_size, most), dtype=np.int64)
+    for q, images in enumerate(rows):
+        start = 0
+        for i, (f, b) in enumerate(images):
+            end = start + f.shape[0]
+            visual_feats_out[q, start:end] = f
+            visual_pos[q, start:end] = b
+            visual_attention_mask[q, start:end] = 1
+            image_order_ids[q, start:end] = i
+            object_order_ids[q, start:end] = np.arange(f.shape[0])
+            start = end
+    return {
+        "visual_feats": visual_feats_out,
+        "visual_pos": visual_pos,
+        "visual_attention_mask": visual_attention_mask,
+        "image_order_ids": image_order_ids,
+        "object_order_ids": object_order_ids,
+    }
+
+
+def _entry_list(entry, n: int, multi: bool, name: str, sizes: bool = False) -> list:
+    if entry is None:
+        return [None] * n
+    if not multi:
+        return [entry]
+    if not isinstance(entry, (list, tuple)) or len(entry) != n or (sizes and n == 2 and np.ndim(entry[0]) == 0):
+        raise ValueError(f"{name} must be a list with one entry per image of the query ({n})")
+    return list(entry)
+
+
 class JointEncoderProcessor(ProcessorMixin):
     r"""
-    Tokenizer (VL-T5 layout, see `vl_joint_encoder.tokenization`) + CLIP image processor (PIL backend, no torchvision).
+    Tokenizer (VL-T5 layout, see `vl_joint_encoder.tokenization_joint_encoder`) + CLIP image processor (PIL backend, no torchvision).
 
     Args:
         image_processor: a transformers image processor; defaults to `CLIPImageProcessorPil()` (224 px, CLIP mean/std).
@@ -142,7 +255,7 @@ class JointEncoderProcessor(ProcessorMixin):
         if image_processor is None:
             image_processor = default_image_processor()
         if tokenizer is None:
-            raise ValueError("JointEncoderProcessor needs the model's tokenizer (see vl_joint_encoder.tokenization)")
+            raise ValueError("JointEncoderProcessor needs the model's tokenizer (see vl_joint_encoder.tokenization_joint_encoder)")
         self.feat_dim = feat_dim
         self.n_images = n_images
         self.box_tolerance = float(box_tolerance)
@@ -234,94 +347,9 @@ class JointEncoderProcessor(ProcessorMixin):
 
     # -------------------------------------------------------------------------------------- precomputed features
     def _process_features(self, visual_feats, boxes, image_size, batch_size: int | None) -> dict:
-        if not isinstance(visual_feats, (list, tuple)):
-            raise ValueError("visual_feats must be a list with one entry per query: an array (V, C), a list, or None")
-        batch_size = len(visual_feats) if batch_size is None else batch_size
-        feats_q = _per_query(visual_feats, batch_size, "visual_feats")
-        boxes_q = _per_query(boxes, batch_size, "boxes")
-        sizes_q = _per_query(image_size, batch_size, "image_size")
-        rows = []  # per query: list of (feats (V_i, C), boxes (V_i, 4))
-        feat_dim = self.feat_dim
-        for q in range(batch_size):
-            feats = feats_q[q]
-            if feats is None:
-                rows.append([])
-                continue
-            multi = isinstance(feats, (list, tuple)) and not (len(feats) and isinstance(feats[0], (int, float)))
-            multi = multi and all(f is None or np.ndim(f) == 2 for f in feats)
-            feats_list = list(feats) if multi else [feats]
-            n = len(feats_list)
-            box_list = self._entry_list(boxes_q[q], n, multi, f"boxes[{q}]")
-            size_list = self._entry_list(sizes_q[q], n, multi, f"image_size[{q}]", sizes=True)
-            if self.n_images is not None and n > self.n_images:
-                raise ValueError(f"query {q} has {n} images but the model takes at most n_images={self.n_images}")
-            images = []
-            for i, (f, b, s) in enumerate(zip(feats_list, box_list, size_list)):
-                where = f"visual_feats[{q}]" + (f"[{i}]" if multi else "")
-                f = _as_array(f, where)
-                if f.ndim != 2:
-                    raise ValueError(f"{where} must be (num_tokens, feat_dim), got shape {f.shape}")
-                if not np.isfinite(f).all():
-                    raise ValueError(
-                        f"{where} holds {int((~np.isfinite(f)).sum())} NaN/infinite values: the feature file is "
-                        f"corrupt or was written from a diverged extractor; re-extract it"
-                    )
-                if feat_dim is None:
-                    feat_dim = f.shape[1]
-                if f.shape[1] != feat_dim:
-                    raise ValueError(
-                        f"{where} has {f.shape[1]} features per token but "
-                        + (f"the model expects feat_dim={self.feat_dim}" if self.feat_dim else f"others have {feat_dim}")
-                        + ": extract features with the backbone the model was trained with"
-                    )
-                if b is None:
-                    if s is not None:
-                        raise ValueError(f"image_size given for {where} but no boxes")
-                    b = np.zeros((f.shape[0], 4), dtype=np.float32)
-                else:
-                    b = normalize_boxes(_as_array(b, where.replace("visual_feats", "boxes")), s, self.box_tolerance,
-                                        where.replace("visual_feats", "boxes"))
-                    if b.shape[0] != f.shape[0]:
-                        raise ValueError(f"{where} has {f.shape[0]} tokens but its boxes have {b.shape[0]}")
-                images.append((f, b))
-            rows.append(images)
-        most = max((sum(f.shape[0] for f, _ in images) for images in rows), default=0)
-        if feat_dim is None:
-            if self.feat_dim is None:
-                return {}
-            feat_dim = self.feat_dim
-        visual_feats_out = np.zeros((batch_size, most, feat_dim), dtype=np.float32)  # (B, V_max, C)
-        visual_pos = np.zeros((batch_size, most, 4), dtype=np.float32)  # (B, V_max, 4)
-        visual_attention_mask = np.zeros((batch_size, most), dtype=np.int64)  # (B, V_max)
-        image_order_ids = np.zeros((batch_size, most), dtype=np.int64)
-        object_order_ids = np.zeros((batch_size, most), dtype=np.int64)
-        for q, images in enumerate(rows):
-            start = 0
-            for i, (f, b) in enumerate(images):
-                end = start + f.shape[0]
-                visual_feats_out[q, start:end] = f
-                visual_pos[q, start:end] = b
-                visual_attention_mask[q, start:end] = 1
-                image_order_ids[q, start:end] = i
-                object_order_ids[q, start:end] = np.arange(f.shape[0])
-                start = end
-        return {
-            "visual_feats": visual_feats_out,
-            "visual_pos": visual_pos,
-            "visual_attention_mask": visual_attention_mask,
-            "image_order_ids": image_order_ids,
-            "object_order_ids": object_order_ids,
-        }
-
-    @staticmethod
-    def _entry_list(entry, n: int, multi: bool, name: str, sizes: bool = False) -> list:
-        if entry is None:
-            return [None] * n
-        if not multi:
-            return [entry]
-        if not isinstance(entry, (list, tuple)) or len(entry) != n or (sizes and n == 2 and np.ndim(entry[0]) == 0):
-            raise ValueError(f"{name} must be a list with one entry per image of the query ({n})")
-        return list(entry)
+        return visual_feature_inputs(
+            visual_feats, boxes, image_size, batch_size, self.feat_dim, self.n_images, self.box_tolerance
+        )
 
     # ------------------------------------------------------------------------------------------ pass-throughs
     def batch_decode(self, *args, **kwargs):
@@ -342,4 +370,10 @@ def _is_pil(image: Any) -> bool:
     return hasattr(image, "mode") and hasattr(image, "convert")
 
 
-__all__ = ["JointEncoderProcessor", "default_image_processor", "image_processor_for_config", "normalize_boxes"]
+__all__ = [
+    "JointEncoderProcessor",
+    "default_image_processor",
+    "image_processor_for_config",
+    "normalize_boxes",
+    "visual_feature_inputs",
+]

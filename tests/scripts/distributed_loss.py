@@ -17,8 +17,8 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from tiny_retrieval import TwoTowers, contrastive_batch, slice_batch, tiny_model
 
-from vl_joint_encoder.grad_cache import grad_cache_step
-from vl_joint_encoder.loss import InBatchContrastiveLoss
+from vl_joint_encoder.training.grad_cache import grad_cache_step
+from vl_joint_encoder.training.loss import InBatchContrastiveLoss
 
 
 NUM_QUERIES, HARD_NEGATIVES = 5, 1

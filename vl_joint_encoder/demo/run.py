@@ -12,11 +12,8 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
@@ -24,70 +21,13 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from ..utils.io import write_json
+
 
 logger = logging.get_logger(__name__)
 
 RESULTS = "results.json"
 METRICS = ("mrr@10", "recall@1", "recall@10")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vl-joint-encoder demo",
-        description="Train and evaluate a multimodal (image + question) retriever end to end on a generated toy "
-        "world, in a few minutes on a CPU. Prints an untrained / trained / text-only / unseen-entities table.",
-    )
-    parser.add_argument("--output-dir", default="vl-joint-encoder-demo", help="where everything is written")
-    parser.add_argument("--overwrite", action="store_true", help="replace a previous demo run in --output-dir")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the world, the model and the training")
-    parser.add_argument("--num-entities", type=int, default=48, help="entities seen in training")
-    parser.add_argument("--num-unseen-entities", type=int, default=16, help="entities held out of training")
-    parser.add_argument("--num-attributes", type=int, default=8, help="passages (facts) per entity, 2 to 8")
-    parser.add_argument("--train-renderings", type=int, default=6,
-                        help="training questions (each with its own rendering) per entity and attribute")
-    parser.add_argument("--image-size", type=int, default=32, help="image side in pixels (multiple of 8)")
-    parser.add_argument("--max-steps", type=int, default=500, help="training steps")
-    parser.add_argument("--batch-size", type=int, default=32, help="queries per training batch")
-    parser.add_argument("--hard-negatives", type=int, default=1,
-                        help="hard negatives per query: the same fact of another entity (0: in-batch only)")
-    parser.add_argument("--learning-rate", type=float, default=2e-3, help="AdamW peak rate (linear warm-up and decay)")
-    parser.add_argument("--eval-steps", type=int, default=100, help="validation MRR@10 every N steps")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when available)")
-    parser.add_argument("--num-threads", type=int, default=1,
-                        help="torch CPU threads (1 is fastest for a model this small, and on a busy machine)")
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures (no matplotlib needed)")
-    return parser
-
-
-def check_args(args: argparse.Namespace) -> None:
-    for name in ("num_entities", "train_renderings", "max_steps", "batch_size", "eval_steps", "num_threads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.num_entities < 2:
-        raise ValueError(f"--num-entities must be >= 2 (retrieval needs something to tell apart), got {args.num_entities}")
-    if args.num_unseen_entities < 0 or args.hard_negatives < 0:
-        raise ValueError("--num-unseen-entities and --hard-negatives must be >= 0")
-    from .toy_world import ATTRIBUTES, MAX_ENTITIES
-
-    if args.num_entities + args.num_unseen_entities > MAX_ENTITIES:
-        raise ValueError(
-            f"--num-entities + --num-unseen-entities = {args.num_entities + args.num_unseen_entities}, but at most "
-            f"{MAX_ENTITIES} entities have distinct looks (colour sets): lower them"
-        )
-    if not 2 <= args.num_attributes <= len(ATTRIBUTES):
-        raise ValueError(f"--num-attributes must be in [2, {len(ATTRIBUTES)}], got {args.num_attributes}")
-    if args.image_size < 16 or args.image_size % 8:
-        raise ValueError(f"--image-size must be a multiple of 8 and >= 16 (8-pixel patches), got {args.image_size}")
-    if args.batch_size > args.num_entities * args.num_attributes * args.train_renderings:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than the training set: lower it")
-    if args.device not in ("cpu", "cuda", "auto"):
-        raise ValueError(f"--device must be cpu, cuda or auto, got {args.device!r}")
-    if os.path.exists(os.path.join(args.output_dir, RESULTS)) and not args.overwrite:
-        raise ValueError(
-            f"{args.output_dir} already holds a demo run ({RESULTS}): pass --overwrite, or another --output-dir"
-        )
-    if os.path.isfile(args.output_dir):
-        raise ValueError(f"--output-dir {args.output_dir} is a file, not a folder")
 
 
 def resolve_device(name: str) -> str:
@@ -161,14 +101,16 @@ class QuietProgress(TrainerCallback):
             self.bar = None
 
 
-def run_demo(args: argparse.Namespace) -> dict:
+def run_demo(args) -> dict:
+    """Run the demo with `args` (`commands.demo.DemoArguments`); returns what results.json holds."""
     from transformers import ProgressCallback, set_seed
 
-    from ..encode import encode_knowledge_base
-    from ..evaluation import RetrievalEvaluator
-    from ..ir_metrics import evaluate
-    from ..search import write_run
-    from ..trainer import JointEncoderTrainer, JointEncoderTrainingArguments
+    from ..retrieval.encode import encode_knowledge_base
+    from ..retrieval.evaluator import RetrievalEvaluator
+    from ..retrieval.metrics import evaluate
+    from ..retrieval.runs import write_run
+    from ..training.arguments import JointEncoderTrainingArguments
+    from ..training.trainer import JointEncoderTrainer
     from .tiny_model import TinyModelSize, build_tiny_model
     from .toy_world import build_toy_world, write_toy_world
 
@@ -313,43 +255,8 @@ def run_demo(args: argparse.Namespace) -> dict:
         "outputs": {"model": model_dir, "embeddings": os.path.join(out, "embeddings"), "runs": os.path.join(out, "runs"),
                     "data": os.path.join(out, "data"), **figures},
     }
-    tmp = os.path.join(out, RESULTS + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, os.path.join(out, RESULTS))
+    write_json(os.path.join(out, RESULTS), results)
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    from vl_joint_encoder.cli import accept_both_spellings
-
-    args = accept_both_spellings(parser).parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as error:
-        parser.error(str(error))
-    import torch
-
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.num_threads)
-    try:
-        results = run_demo(args)
-    except ValueError as error:
-        print(f"vl-joint-encoder demo: error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        torch.set_num_threads(previous_threads)
-    print()
-    print(format_results_table(results["table"]))
-    print(f"chance level of the text-only ablation (the asked fact of a random entity): MRR@10 = "
-          f"{results['chance_mrr@10_text_only']:.3f}")
-    timings = results["timings"]
-    print(f"\ntime: {timings['total_s']:.0f} s in all (training {timings['train_s']:.0f} s) on {results['device']}")
-    print(f"outputs in {args.output_dir}/: model/ (AutoModel + AutoProcessor), embeddings/, runs/, data/, "
-          f"{RESULTS}" + ("" if args.no_plots else ", training.png, queries.png"))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["format_results_table", "run_demo"]

@@ -43,7 +43,7 @@ def build_tiny_model(texts: Iterable[str], size: TinyModelSize = TinyModelSize()
     from ..configuration_joint_encoder import JointEncoderConfig
     from ..modeling_joint_encoder import JointEncoderModel
     from ..processing_joint_encoder import JointEncoderProcessor
-    from ..tokenization import train_vl_t5_tokenizer
+    from ..tokenization_joint_encoder import train_vl_t5_tokenizer
 
     tokenizer = train_vl_t5_tokenizer(texts, vocab_size=size.vocab_size)
     vision_config = CLIPVisionConfig(

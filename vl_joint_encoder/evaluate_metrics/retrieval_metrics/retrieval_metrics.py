@@ -1,4 +1,4 @@
-"""`evaluate` metric: MRR@k, Precision@k, Recall@k, Hit rate@k, nDCG@k, MAP@k of ranked lists (values equal ranx's).
+"""`evaluate` metric: MRR@k, Precision@k, Recall@k, Hit rate@k, nDCG@k, MAP@k of ranked lists, computed by ranx.
 
 Load offline from this folder: `evaluate.load("path/to/retrieval_metrics")`. One import per line: `evaluate` parses
 them with a regex to find the script's dependencies.
@@ -7,14 +7,14 @@ them with a regex to find the script's dependencies.
 import datasets
 import evaluate
 
-from vl_joint_encoder.ir_metrics import DEFAULT_METRICS
-from vl_joint_encoder.ir_metrics import evaluate as evaluate_run
+from vl_joint_encoder.retrieval.metrics import DEFAULT_METRICS
+from vl_joint_encoder.retrieval.metrics import evaluate as evaluate_run
 
 
 _DESCRIPTION = """
 Retrieval metrics of one ranked list of passage ids per query against that query's relevant passage ids (binary
-relevance). Computed by `vl_joint_encoder.ir_metrics`, whose values equal `ranx.evaluate(..., make_comparable=True)`
-(Bassani, ECIR 2022): a query without relevant passage scores 0 and is counted in the mean.
+relevance). Computed by ranx through `vl_joint_encoder.retrieval.metrics` (`ranx.evaluate(..., make_comparable=True)`,
+Bassani, ECIR 2022): a query without relevant passage scores 0 and is counted in the mean.
 """
 
 _KWARGS_DESCRIPTION = """

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modeling_joint_encoder import similarity_scores
 from . import distributed
-from .modeling_joint_encoder import similarity_scores
 
 
 class InBatchContrastiveLoss(nn.Module):

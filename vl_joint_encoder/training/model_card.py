@@ -8,6 +8,9 @@ from typing import Any
 
 from transformers.utils import logging
 
+from ..retrieval.metrics import is_metric_name
+from ..utils.io import atomic_path
+
 
 logger = logging.get_logger(__name__)
 
@@ -26,9 +29,9 @@ def write_trained_model_card(
     import torch
     import transformers
 
-    from . import __version__
-    from .bi_encoder import JointEncoderBiEncoder
-    from .model_card import render_model_card
+    from .. import __version__
+    from ..bi_encoder import JointEncoderBiEncoder
+    from ..utils.model_cards import render_model_card
 
     args = trainer.args
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -72,8 +75,8 @@ def write_trained_model_card(
         torch_version=torch.__version__,
     )
     path = os.path.join(output_dir, "README.md")
-    card.save(path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with atomic_path(path) as tmp:
+        card.save(tmp)
     return path
 
 
@@ -81,15 +84,12 @@ def _eval_results(results: dict[str, Any], dataset_name: str) -> list:
     """Retrieval metrics (`mrr@10`, `eval_mrr@10`, `test_precision@1`, ...) as huggingface_hub EvalResults."""
     from huggingface_hub import EvalResult
 
-    from .ir_metrics import METRICS
-
     entries = []
     for key, value in results.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
         split, _, metric = key.rpartition("_") if "@" in key.rpartition("_")[2] else ("", "", key)
-        name = metric.split("@")[0]
-        if name not in METRICS:
+        if not is_metric_name(metric):
             continue
         entries.append(
             EvalResult(

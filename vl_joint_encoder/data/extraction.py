@@ -1,5 +1,6 @@
-"""`vl-joint-encoder extract-features`: CLIP (or SigLIP) grid + pooled features of a folder of images or a `datasets`
-image column, batched, resumable, written as safetensors shards or `datasets` Arrow shards keyed by image id.
+"""Feature extraction (`vl-joint-encoder extract-features`): CLIP (or SigLIP) grid + pooled features of a folder of
+images or a `datasets` image column, batched, resumable, written as safetensors shards or `datasets` Arrow shards
+keyed by image id. `data.feature_stores.ExtractedFeatureStore` reads the folder back.
 
 The grid features are computed by `modeling_joint_encoder.vision_tokens`, the function the model's own tower path
 calls, so `visual_feats` + `visual_pos` read back from the shards give the model the same embedding as `pixel_values`.
@@ -17,11 +18,9 @@ an uninterrupted one.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 from typing import Any
 
 import numpy as np
@@ -29,21 +28,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .images import DEFAULT_MAX_PIXELS, ImageLoadError, list_image_files, load_image
+from ..images import DEFAULT_MAX_PIXELS, ImageLoadError, list_image_files, load_image
+from ..utils.io import atomic_path, read_json, write_json
+from .feature_stores import EXTRACTION_MANIFEST
 
 
 logger = logging.get_logger(__name__)
 
-MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 FEATURE_OPTIONS = ("feature_layer", "feature_select", "grid_pool_size", "box_mode", "dtype")
-
-
-def _write_json_atomic(path: str, payload: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def load_extractor(model: str, **options) -> tuple[torch.nn.Module, Any, dict]:
@@ -54,9 +47,9 @@ def load_extractor(model: str, **options) -> tuple[torch.nn.Module, Any, dict]:
     """
     from transformers import AutoConfig, AutoImageProcessor
 
-    from . import JointEncoderModel, JointEncoderProcessor
-    from .processing_joint_encoder import image_processor_for_config
-    from .vision import load_vision_tower
+    from ..modeling_joint_encoder import JointEncoderModel
+    from ..processing_joint_encoder import JointEncoderProcessor, image_processor_for_config
+    from ..vision import load_vision_tower
 
     config = AutoConfig.from_pretrained(model)
     if config.model_type == "vl_joint_encoder":
@@ -138,10 +131,11 @@ def _open(source: Any, max_pixels: int | None):
 
 
 def _write_shard(output_dir: str, name: str, output_format: str, ids: list[str], arrays: dict[str, np.ndarray]):
-    final = os.path.join(output_dir, name)
-    tmp = final + ".tmp"
-    if os.path.isdir(tmp):
-        shutil.rmtree(tmp)
+    with atomic_path(os.path.join(output_dir, name)) as tmp:
+        _write_shard_to(tmp, output_format, ids, arrays)
+
+
+def _write_shard_to(tmp: str, output_format: str, ids: list[str], arrays: dict[str, np.ndarray]) -> None:
     if output_format == "safetensors":
         from safetensors.numpy import save_file
 
@@ -158,7 +152,6 @@ def _write_shard(output_dir: str, name: str, output_format: str, ids: list[str],
         })
         columns = {"id": ids, **{k: list(v) for k, v in arrays.items()}}
         Dataset.from_dict(columns, features=features).save_to_disk(tmp)
-    os.replace(tmp, final)
 
 
 def extract_features(
@@ -184,7 +177,7 @@ def extract_features(
     unreadable images and lists them in the manifest. Options: feature_layer, feature_select, grid_pool_size,
     box_mode, dtype (see `JointEncoderConfig.vision_*`). Returns the manifest.
     """
-    from .modeling_joint_encoder import vision_tokens
+    from ..modeling_joint_encoder import vision_tokens
 
     if output_format not in ("safetensors", "arrow"):
         raise ValueError(f"output_format must be 'safetensors' or 'arrow', got {output_format!r}")
@@ -200,15 +193,14 @@ def extract_features(
     )
     tower, image_processor, extractor = load_extractor(model, **options)
     tower.to(device)
-    manifest_path = os.path.join(output_dir, MANIFEST)
+    manifest_path = os.path.join(output_dir, EXTRACTION_MANIFEST)
     settings = {"extractor": extractor, "format": output_format, "shard_size": shard_size,
                 "num_images": len(items), "format_version": FORMAT_VERSION}
     if os.path.exists(manifest_path) and overwrite:
         shutil.rmtree(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     if os.path.exists(manifest_path):
-        with open(manifest_path) as handle:
-            manifest = json.load(handle)
+        manifest = read_json(manifest_path, "extract-features manifest")
         previous = {k: manifest.get(k) for k in settings}
         if json.loads(json.dumps(settings)) != previous:
             changed = sorted(k for k in settings if json.loads(json.dumps(settings[k])) != previous[k])
@@ -218,7 +210,7 @@ def extract_features(
             )
     else:
         manifest = {**settings, "shards": [], "failures": [], "complete": False}
-        _write_json_atomic(manifest_path, manifest)
+        write_json(manifest_path, manifest, sort_keys=True)
 
     done = {shard["index"] for shard in manifest["shards"]
             if shard["file"] is None or os.path.exists(os.path.join(output_dir, shard["file"]))}
@@ -269,122 +261,15 @@ def extract_features(
             _write_shard(output_dir, name, output_format, ids, arrays)
         manifest["shards"].append({"file": name if ids else None, "index": k, "ids": ids})
         manifest["failures"] += failures
-        _write_json_atomic(manifest_path, manifest)
+        write_json(manifest_path, manifest, sort_keys=True)
         written += 1
     progress.close()
     manifest["shards"] = sorted(manifest["shards"], key=lambda shard: shard["index"])
     manifest["complete"] = len({shard["index"] for shard in manifest["shards"]}) == num_shards
-    _write_json_atomic(manifest_path, manifest)
+    write_json(manifest_path, manifest, sort_keys=True)
     if manifest["failures"]:
         logger.warning("%d image(s) skipped, listed in %s", len(manifest["failures"]), manifest_path)
     return manifest
 
 
-class FeatureStore:
-    """Read extracted features: `store[image_id]` -> dict visual_feats (V, C), visual_pos (V, 4), pooled (C,)."""
-
-    def __init__(self, output_dir: str):
-        path = os.path.join(output_dir, MANIFEST)
-        if not os.path.exists(path):
-            raise ValueError(f"{output_dir} has no {MANIFEST}: not an extract-features output folder")
-        with open(path) as handle:
-            self.manifest = json.load(handle)
-        if not self.manifest["complete"]:
-            logger.warning("%s: the extraction is not complete (resume it to add the missing shards)", output_dir)
-        self.output_dir = output_dir
-        self.index = {image_id: (shard["file"], row) for shard in self.manifest["shards"] if shard["file"]
-                      for row, image_id in enumerate(shard["ids"])}
-        self._open: dict[str, Any] = {}
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __contains__(self, image_id: str) -> bool:
-        return image_id in self.index
-
-    def keys(self) -> list[str]:
-        return list(self.index)
-
-    def __getitem__(self, image_id: str) -> dict[str, np.ndarray]:
-        if image_id not in self.index:
-            raise KeyError(f"image id {image_id!r} is not in {self.output_dir} ({len(self)} images)")
-        name, row = self.index[image_id]
-        if name not in self._open:
-            path = os.path.join(self.output_dir, name)
-            if self.manifest["format"] == "safetensors":
-                from safetensors.numpy import load_file
-
-                self._open[name] = load_file(path)
-            else:
-                from datasets import load_from_disk
-
-                self._open[name] = load_from_disk(path).with_format("numpy")
-        shard = self._open[name]
-        if self.manifest["format"] == "safetensors":
-            return {key: shard[key][row] for key in ("visual_feats", "visual_pos", "pooled")}
-        record = shard[row]
-        return {key: np.asarray(record[key], dtype=np.float32) for key in ("visual_feats", "visual_pos", "pooled")}
-
-
-__all__ = ["FeatureStore", "extract_features", "load_extractor", "main"]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vl-joint-encoder extract-features", description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", help="folder of images (recursive); ids are relative paths without extension")
-    source.add_argument("--dataset", help="a datasets folder (save_to_disk) with an image column")
-    parser.add_argument("--split", help="split of a DatasetDict")
-    parser.add_argument("--image-column", default="image")
-    parser.add_argument("--id-column", help="column of image ids (default: the row number)")
-    parser.add_argument("--model", required=True, help="joint encoder with a tower, or CLIP/SigLIP checkpoint")
-    parser.add_argument("--output", required=True, help="output folder (resumed if it holds a previous run)")
-    parser.add_argument("--format", choices=("safetensors", "arrow"), default="safetensors")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--shard-size", type=int, default=512)
-    parser.add_argument("--feature-layer", type=int)
-    parser.add_argument("--feature-select", choices=("patch", "cls_patch"))
-    parser.add_argument("--grid-pool-size", type=int)
-    parser.add_argument("--box-mode", choices=("grid", "zeros"))
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (listed in manifest)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
-    parser.add_argument("--max-shards", type=int, help="stop after writing this many new shards")
-    parser.add_argument("--overwrite", action="store_true", help="discard a previous run in --output")
-    from vl_joint_encoder.cli import accept_both_spellings
-
-    args = accept_both_spellings(parser).parse_args(argv)
-    try:
-        if args.dataset:
-            from datasets import DatasetDict, load_from_disk
-
-            source = load_from_disk(args.dataset)
-            if isinstance(source, DatasetDict):
-                if args.split not in source:
-                    raise ValueError(f"--split must be one of {list(source)} for {args.dataset}")
-                source = source[args.split]
-        else:
-            source = args.images
-        manifest = extract_features(
-            source, args.output, args.model, image_column=args.image_column, id_column=args.id_column,
-            batch_size=args.batch_size, shard_size=args.shard_size, output_format=args.format,
-            on_error="skip" if args.skip_bad_images else "raise", device=args.device, max_pixels=args.max_pixels,
-            max_shards=args.max_shards, overwrite=args.overwrite, feature_layer=args.feature_layer,
-            feature_select=args.feature_select, grid_pool_size=args.grid_pool_size, box_mode=args.box_mode,
-            dtype=args.dtype,
-        )
-    except (ValueError, OSError) as error:
-        print(f"vl-joint-encoder extract-features: error: {error}", file=sys.stderr)
-        return 2
-    count = sum(len(shard["ids"]) for shard in manifest["shards"])
-    state = "complete" if manifest["complete"] else "partial (run again to resume)"
-    print(f"{count} images in {len(manifest['shards'])} shards -> {args.output} [{state}]")
-    for failure in manifest["failures"]:
-        print(f"skipped {failure['id']}: {failure['reason']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
+__all__ = ["FEATURE_OPTIONS", "extract_features", "load_extractor"]

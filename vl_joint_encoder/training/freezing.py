@@ -18,7 +18,7 @@ TRAIN_ONLY_CHOICES = ("adapters", "projection")
 
 def _encoders(model: nn.Module) -> list[nn.Module]:
     """The JointEncoderModel(s) inside `model` (one for a shared tower, two for separate towers)."""
-    from .modeling_joint_encoder import JointEncoderModel
+    from ..modeling_joint_encoder import JointEncoderModel
 
     if isinstance(model, JointEncoderModel):
         return [model]

@@ -14,15 +14,15 @@ A directory without manifest.json is an unfinished encoding (resume it with the 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.utils import logging
+
+from ..utils.io import atomic_path, read_json
 
 
 logger = logging.get_logger(__name__)
@@ -37,18 +37,6 @@ SHARD_DIR = "shards"
 
 def shard_name(index: int) -> str:
     return os.path.join(SHARD_DIR, f"shard-{index:05d}.safetensors")
-
-
-def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as f:
-        return json.load(f)
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
@@ -77,9 +65,8 @@ def write_shard(
         "model_hash": model_hash,
         "sha256": tensor_sha256(embeddings),
     }
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({"embeddings": embeddings, "positions": positions}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"embeddings": embeddings, "positions": positions}, tmp, metadata=metadata)
     return metadata
 
 
@@ -119,7 +106,7 @@ class EmbeddingStore:
                 else ""
             )
             raise ValueError(f"{self.directory!r} has no {MANIFEST}: not an encoded knowledge base{hint}")
-        self.manifest = read_json(manifest_path)
+        self.manifest = read_json(manifest_path, "embeddings manifest")
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{manifest_path} is not a {FORMAT} manifest")
         self.verify = verify
@@ -149,7 +136,7 @@ class EmbeddingStore:
     @property
     def ids(self) -> list[str]:
         if self._ids is None:
-            self._ids = read_json(os.path.join(self.directory, IDS))
+            self._ids = read_json(os.path.join(self.directory, IDS), "passage ids file")
             if len(self._ids) != self.count:
                 raise ValueError(f"{IDS} has {len(self._ids)} ids but the manifest counts {self.count} passages")
         return self._ids
@@ -195,4 +182,4 @@ class EmbeddingStore:
         return embeddings[order], positions[order]
 
 
-__all__ = ["EmbeddingStore", "write_shard", "load_shard", "read_shard_metadata", "shard_name", "atomic_write_json"]
+__all__ = ["EmbeddingStore", "load_shard", "read_shard_metadata", "shard_name", "tensor_sha256", "write_shard"]

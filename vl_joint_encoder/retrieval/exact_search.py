@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from .modeling_joint_encoder import similarity_scores
+from ..modeling_joint_encoder import similarity_scores
 
 
 # scores computed at once per chunk: queries x chunk_rows floats (bounded memory, large enough for BLAS)

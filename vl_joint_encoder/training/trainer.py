@@ -4,7 +4,10 @@ What it changes in `Trainer` (as little as possible):
 - `compute_loss`: encodes queries and passages, `InBatchContrastiveLoss` (in-batch + hard negatives, gathered across
   processes with gradients, false negatives masked by key); the named parts (accuracy, MRR) are logged with the loss.
 - `training_step`: only with `grad_cache=True` (GradCache, Gao et al. 2021: memory flat in the batch size).
-- `evaluate`: through a retrieval evaluator (`evaluator(model) -> {"mrr@10": ...}`), so `eval_strategy` works.
+- `evaluation_loop`: a retrieval evaluator (`evaluator(model) -> {"mrr@10": ...}`, e.g. `RetrievalEvaluator`) instead
+  of a loss over an eval set, so `eval_strategy`, `metric_for_best_model` (default: the evaluator's primary metric),
+  `load_best_model_at_end` and early stopping work as with any Trainer. With several processes the dev KB is encoded
+  once, its shards split across them, and every process gets the same metrics.
 - `_load_from_checkpoint` / `_load_best_model`: only for separate towers (saved as two sub-folders).
 Everything else (optimizer, schedule, DDP / FSDP / DeepSpeed through accelerate, checkpoints with RNG and sampler
 state, logging) is the Trainer's own.
@@ -14,91 +17,26 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.trainer_utils import EvalLoopOutput
 from transformers.utils import logging
 
-from .bi_encoder import JointEncoderBiEncoder
+from ..bi_encoder import JointEncoderBiEncoder
+from ..data.tables import ColumnMapping, PreparedData, prepare_training_data
+from ..modeling_joint_encoder import JointEncoderModel
+from ..utils.io import write_text
+from .arguments import JointEncoderTrainingArguments, check_model_matches_arguments
 from .collator import ContrastiveCollator
-from .data import ColumnMapping, PreparedData, prepare_training_data
-from .freezing import TRAIN_ONLY_CHOICES, apply_freezing
+from .freezing import apply_freezing
 from .loss import InBatchContrastiveLoss
-from .modeling_joint_encoder import JointEncoderModel
 
 
 logger = logging.get_logger(__name__)
 
 LOSS_PARTS = ("accuracy", "mrr")
-
-
-@dataclass
-class JointEncoderTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the retrieval knobs. `remove_unused_columns` defaults to False (the collator reads
-    the query columns itself)."""
-
-    n_hard_negatives: int = field(default=1, metadata={"help": "hard negatives per query (1 positive + n per group)"})
-    query_max_length: int = field(default=64, metadata={"help": "max query tokens (longer questions are truncated)"})
-    passage_max_length: int = field(default=256, metadata={"help": "max passage tokens"})
-    similarity: str | None = field(
-        default=None, metadata={"help": "must equal the model config's similarity if given (refused otherwise)"}
-    )
-    logit_scale: float | None = field(
-        default=None, metadata={"help": "must equal the model config's logit_scale if given (refused otherwise)"}
-    )
-    gather_across_processes: bool | None = field(
-        default=None, metadata={"help": "share negatives across processes (default: on when world size > 1)"}
-    )
-    grad_cache: bool = field(default=False, metadata={"help": "GradCache: memory flat in the batch size"})
-    grad_cache_chunk_size: int = field(default=32, metadata={"help": "rows per forward pass with grad_cache"})
-    freeze_token_embeddings: bool = field(default=False, metadata={"help": "freeze the token embedding"})
-    freeze_first_n_blocks: int = field(default=0, metadata={"help": "freeze the first N T5 blocks"})
-    train_only: str | None = field(
-        default=None, metadata={"help": f"train only {TRAIN_ONLY_CHOICES[0]} (VL-Adapter) or {TRAIN_ONLY_CHOICES[1]}"}
-    )
-    separate_towers: bool = field(
-        default=False, metadata={"help": "separate query / passage encoders (initialised as copies of the model)"}
-    )
-    use_query_images: bool = field(default=True, metadata={"help": "False: text-only queries (ablation)"})
-    use_passage_images: bool = field(default=True, metadata={"help": "False: text-only passages"})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "keep False: the collator reads raw columns"})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.n_hard_negatives < 0:
-            raise ValueError(f"n_hard_negatives must be >= 0, got {self.n_hard_negatives}")
-        for name in ("query_max_length", "passage_max_length", "grad_cache_chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.train_only is not None and self.train_only not in TRAIN_ONLY_CHOICES:
-            raise ValueError(f"train_only must be one of {TRAIN_ONLY_CHOICES} or None, got {self.train_only!r}")
-        if self.similarity is not None and self.similarity not in ("dot", "cosine"):
-            raise ValueError(f"similarity must be 'dot' or 'cosine', got {self.similarity!r}")
-        if self.remove_unused_columns:
-            raise ValueError("remove_unused_columns must be False: the collator reads the query columns itself")
-        shares_negatives = self.world_size > 1 and self.gather_across_processes is not False
-        if self.n_hard_negatives == 0 and self.per_device_train_batch_size < 2 and not shares_negatives:
-            raise ValueError(
-                "per_device_train_batch_size=1 with n_hard_negatives=0 (and no negatives shared across processes) "
-                "leaves each query with no negative at all: raise the batch size or add hard negatives"
-            )
-
-
-def check_model_matches_arguments(model: PreTrainedModel, args: JointEncoderTrainingArguments) -> None:
-    """The similarity / scale live in the model config (search uses them too): arguments may only repeat them."""
-    config = model.config
-    if args.similarity is not None and args.similarity != config.similarity:
-        raise ValueError(
-            f"similarity={args.similarity!r} in the arguments but the model config says {config.similarity!r}: "
-            f"training and search must score alike; change config.similarity in the model instead"
-        )
-    if args.logit_scale is not None and not math.isclose(args.logit_scale, config.logit_scale):
-        raise ValueError(
-            f"logit_scale={args.logit_scale} in the arguments but the model config says {config.logit_scale}: "
-            f"change config.logit_scale in the model instead"
-        )
 
 
 class _EpochToCollator(TrainerCallback):
@@ -187,8 +125,13 @@ class JointEncoderTrainer(Trainer):
                     f"lower the batch size or the number of processes"
                 )
         self.evaluator = evaluator
-        if evaluator is not None and eval_dataset is None:
-            eval_dataset = ["retrieval evaluator"]  # Trainer wants an eval set for eval_strategy; evaluate() ignores it
+        if evaluator is not None:
+            if eval_dataset is None:
+                # Trainer wants an eval set for eval_strategy; evaluation_loop reads the evaluator instead
+                eval_dataset = ["retrieval evaluator"]
+            if getattr(args, "metric_from_evaluator", False) and args.load_best_model_at_end:
+                args.metric_for_best_model = getattr(evaluator, "primary_metric", "mrr@10")
+                args.greater_is_better = getattr(evaluator, "greater_is_better", True)
         super().__init__(
             model=model,
             args=args,
@@ -288,8 +231,11 @@ class JointEncoderTrainer(Trainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------------- evaluation
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Retrieval metrics from `self.evaluator` (e.g. MRR@10 over the evaluation queries and KB)."""
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> EvalLoopOutput:
+        """Retrieval metrics from `self.evaluator` (e.g. MRR@10 over the evaluation queries and KB), named
+        `{metric_key_prefix}_{metric}`; `Trainer.evaluate` logs them, calls the callbacks and tracks the best one."""
         if self.evaluator is None:
             raise ValueError(
                 "evaluate() needs a retrieval evaluator: JointEncoderTrainer(..., evaluator=RetrievalEvaluator(...))"
@@ -297,19 +243,20 @@ class JointEncoderTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
+        # several processes: the evaluator splits the work and returns the same metrics everywhere
+        kwargs = {"state": self.accelerator.state} if self.args.world_size > 1 else {}
         with torch.no_grad():
             if isinstance(model, JointEncoderBiEncoder):
-                metrics = self.evaluator(model.query_encoder, model.passage_encoder)
+                metrics = self.evaluator(model.query_encoder, model.passage_encoder, **kwargs)
             else:
-                metrics = self.evaluator(model)
+                metrics = self.evaluator(model, **kwargs)
         model.train(was_training)
         metrics = {
             (key if key.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{key}"): float(value)
             for key, value in metrics.items()
         }
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
+        n_queries = len(self.evaluator) if hasattr(self.evaluator, "__len__") else 0
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=n_queries)
 
     # ------------------------------------------------------------------------------ separate towers: resume
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -332,8 +279,8 @@ class JointEncoderTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         self.save_model(output_dir)
         if self.args.should_save:
-            from .bi_encoder import TOWERS
-            from .training_card import write_trained_model_card
+            from ..bi_encoder import TOWERS
+            from .model_card import write_trained_model_card
 
             if self.processing_class is not None and isinstance(self.accelerator.unwrap_model(self.model),
                                                                 JointEncoderBiEncoder):
@@ -345,10 +292,9 @@ class JointEncoderTrainer(Trainer):
             pickled = os.path.join(output_dir, "training_args.bin")
             if os.path.exists(pickled):
                 os.remove(pickled)
-            with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
-                handle.write(self.args.to_json_string())
+            write_text(os.path.join(output_dir, "training_args.json"), self.args.to_json_string())
             write_trained_model_card(self, output_dir, results or {}, data_description, base_model)
         return output_dir
 
 
-__all__ = ["JointEncoderTrainer", "JointEncoderTrainingArguments", "check_model_matches_arguments"]
+__all__ = ["JointEncoderTrainer"]

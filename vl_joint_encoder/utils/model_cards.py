@@ -15,9 +15,10 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
 TEMPLATE_DIRS = (
-    Path(__file__).resolve().parent.parent / "model_cards",  # source checkout
-    Path(__file__).resolve().parent / "templates",  # installed package data
+    _PACKAGE_DIR.parent / "model_cards",  # source checkout
+    _PACKAGE_DIR / "templates",  # installed package data
 )
 
 CITATIONS = {

@@ -1,4 +1,4 @@
-"""`vl-joint-encoder data-report`: know the data before training.
+"""Know the data before training (`vl-joint-encoder data-report`).
 
 For queries and KB, with the model's tokenizer: unknown-token rate (and the words behind it: rare entity names and
 non-English text show up here first), length distribution and the share truncated at the chosen max length, images
@@ -7,21 +7,15 @@ found / missing, queries without positives, ids missing from the KB, positives /
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from transformers.utils import logging
 
-from .data import ColumnMapping, _id_list, build_kb_index, load_table
-
-
-logger = logging.get_logger(__name__)
+from .feature_stores import open_feature_store
+from .references import reference_counts
+from .tables import ColumnMapping, empty_text_rows, id_list, load_table, read_knowledge_base, undecoded_images
 
 
 def _distribution(values: Sequence[int]) -> dict[str, float]:
@@ -59,26 +53,6 @@ def text_report(texts: Sequence[str], tokenizer, max_length: int, batch_size: in
     }
 
 
-def _image_status(value: Any, feature_store: Mapping | None, image_root: str | None) -> str:
-    """'none', 'found' or 'missing' for one image reference (files are checked for existence, not decoded)."""
-    if value is None:
-        return "none"
-    if isinstance(value, str):
-        if feature_store is not None and value in feature_store:
-            return "found"
-        path = os.path.join(image_root, value) if image_root and not os.path.isabs(value) else value
-        return "found" if os.path.exists(path) else "missing"
-    if isinstance(value, Mapping) and ("bytes" in value or "path" in value):
-        if value.get("bytes"):
-            return "found"
-        path = value.get("path")
-        if not path:
-            return "none"
-        path = os.path.join(image_root, path) if image_root and not os.path.isabs(path) else path
-        return "found" if os.path.exists(path) else "missing"
-    return "found"  # PIL images, inline features
-
-
 def data_report(
     queries: Any,
     kb: Any,
@@ -86,7 +60,7 @@ def data_report(
     mapping: ColumnMapping | None = None,
     query_max_length: int = 64,
     passage_max_length: int = 256,
-    feature_store: Mapping | None = None,
+    feature_store: Any = None,
     image_root: str | None = None,
     max_passages: int | None = 100_000,
     seed: int = 0,
@@ -94,36 +68,22 @@ def data_report(
     """The report as a dict (see the module docstring). Token statistics of a KB larger than `max_passages` are
     computed on a random sample of that many passages (said in the report)."""
     mapping = mapping or ColumnMapping()
-    queries, kb = load_table(queries, "queries"), load_table(kb, "the KB")
-    queries = _undecoded(queries, mapping.query_image)
-    kb = _undecoded(kb, mapping.passage_image)
+    feature_store = open_feature_store(feature_store)
+    queries = undecoded_images(load_table(queries, "queries"), mapping.query_image)
+    kb = undecoded_images(load_table(kb, "the KB"), mapping.passage_image)
     for name, dataset, required in (("queries", queries, (mapping.question, mapping.positive_ids)),
                                     ("the KB", kb, (mapping.passage_text,))):
         missing = [c for c in required if c not in dataset.column_names]
         if missing:
             raise ValueError(f"{name} lack the column(s) {missing}; they have {dataset.column_names} (see --columns)")
-    _, index = build_kb_index(kb, mapping)
-
-    def in_kb(value) -> bool:
-        if index is not None:
-            return str(value) in index
-        try:
-            return 0 <= int(value) < len(kb)
-        except (TypeError, ValueError):
-            return False
-
-    positives = [_id_list(v) for v in queries[mapping.positive_ids]]
+    knowledge_base = read_knowledge_base(kb, mapping, check_texts=False)
+    positives = [id_list(v) for v in queries[mapping.positive_ids]]
     has_negatives = mapping.negative_ids is not None and mapping.negative_ids in queries.column_names
-    negatives = [_id_list(v) for v in queries[mapping.negative_ids]] if has_negatives else [[] for _ in positives]
-    missing_ids = [v for ids in positives + negatives for v in ids if not in_kb(v)]
-    images = Counter(
-        _image_status(v, feature_store, image_root)
-        for v in (queries[mapping.query_image] if mapping.query_image in queries.column_names else [])
-    )
-    kb_images = Counter(
-        _image_status(v, feature_store, image_root)
-        for v in (kb[mapping.passage_image] if mapping.passage_image and mapping.passage_image in kb.column_names else [])
-    )
+    negatives = [id_list(v) for v in queries[mapping.negative_ids]] if has_negatives else [[] for _ in positives]
+    missing_ids = [v for ids in positives + negatives for v in ids if knowledge_base.row_of(v) is None]
+    has_query_images = mapping.query_image is not None and mapping.query_image in queries.column_names
+    images = reference_counts(queries[mapping.query_image] if has_query_images else [], feature_store, image_root)
+    kb_images = reference_counts(knowledge_base.images() or [], feature_store, image_root)
     sample = kb
     if max_passages is not None and len(kb) > max_passages:
         rows = np.sort(np.random.default_rng(seed).choice(len(kb), size=max_passages, replace=False))
@@ -142,19 +102,11 @@ def data_report(
         "kb": {
             "count": len(kb),
             "sampled_for_tokens": len(sample),
-            "empty_texts": sum(not str(t or "").strip() for t in kb[mapping.passage_text]),
+            "empty_texts": len(empty_text_rows(kb, mapping.passage_text)),
             "images": dict(kb_images),
             "text": text_report(sample[mapping.passage_text], tokenizer, passage_max_length),
         },
     }
-
-
-def _undecoded(dataset, column):
-    import datasets
-
-    if column and column in dataset.column_names and isinstance(dataset.features[column], datasets.Image):
-        return dataset.cast_column(column, datasets.Image(decode=False))
-    return dataset
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -182,53 +134,4 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vl-joint-encoder data-report", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model (or tokenizer) folder whose tokenizer to use")
-    parser.add_argument("--queries", required=True, nargs="+", help="query files or a save_to_disk folder")
-    parser.add_argument("--kb", required=True, nargs="+", help="KB files or a save_to_disk folder")
-    parser.add_argument("--columns", choices=("generic", "viquae"), default="generic")
-    parser.add_argument("--viquae-positives", default="provenance_indices")
-    parser.add_argument("--viquae-negatives", default="BM25_irrelevant_indices")
-    parser.add_argument("--query-max-length", type=int, default=64)
-    parser.add_argument("--passage-max-length", type=int, default=256)
-    parser.add_argument("--image-root", default=None)
-    parser.add_argument("--feature-store", default=None, help=".npz/.safetensors of precomputed features")
-    parser.add_argument("--max-passages", type=int, default=100_000, help="sample this many passages for tokens")
-    parser.add_argument("--json", default=None, help="also write the report as JSON here")
-    from vl_joint_encoder.cli import accept_both_spellings
-
-    args = accept_both_spellings(parser).parse_args(argv)
-    try:
-        from transformers import AutoTokenizer
-
-        from .data import load_feature_store
-
-        tokenizer_dir = args.model
-        if os.path.isdir(os.path.join(args.model, "query_encoder")) and not os.path.isfile(
-            os.path.join(args.model, "tokenizer_config.json")
-        ):
-            tokenizer_dir = os.path.join(args.model, "query_encoder")
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        mapping = (ColumnMapping.viquae(args.viquae_positives, args.viquae_negatives) if args.columns == "viquae"
-                   else ColumnMapping())
-        store = load_feature_store(args.feature_store) if args.feature_store else None
-        report = data_report(
-            args.queries if len(args.queries) > 1 else args.queries[0],
-            args.kb if len(args.kb) > 1 else args.kb[0],
-            tokenizer, mapping, args.query_max_length, args.passage_max_length, store, args.image_root,
-            args.max_passages,
-        )
-    except (ValueError, OSError) as error:
-        print(f"vl-joint-encoder data-report: error: {error}", file=sys.stderr)
-        return 2
-    print(format_report(report))
-    if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(args.json + ".tmp", args.json)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["data_report", "format_report", "text_report"]

@@ -1,0 +1,78 @@
+"""`vl-joint-encoder extract-features`: CLIP (or SigLIP) grid + pooled features of images, resumable shards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from . import command_main
+
+
+DEFAULT_MAX_PIXELS = 16384 * 16384  # = images.DEFAULT_MAX_PIXELS (not imported: that module loads PIL)
+
+
+@dataclass
+class ExtractFeaturesArguments:
+    model: str = field(metadata={"help": "joint encoder with a tower, or CLIP/SigLIP checkpoint"})
+    output: str = field(metadata={"help": "output folder (resumed if it holds a previous run)"})
+    images: str | None = field(
+        default=None, metadata={"help": "folder of images (recursive); ids are relative paths without extension"}
+    )
+    dataset: str | None = field(default=None, metadata={"help": "a datasets folder (save_to_disk) with an image column"})
+    split: str | None = field(default=None, metadata={"help": "split of a DatasetDict"})
+    image_column: str = field(default="image", metadata={"help": "image column of --dataset"})
+    id_column: str | None = field(default=None, metadata={"help": "column of image ids (default: the row number)"})
+    format: Literal["safetensors", "arrow"] = field(default="safetensors", metadata={"help": "shard format"})
+    batch_size: int = field(default=16, metadata={"help": "images per forward pass"})
+    shard_size: int = field(default=512, metadata={"help": "images per shard"})
+    feature_layer: int | None = field(default=None, metadata={"help": "hidden state of the tower (-1: last)"})
+    feature_select: Literal["patch", "cls_patch"] | None = field(default=None, metadata={"help": "drop or keep CLS"})
+    grid_pool_size: int | None = field(default=None, metadata={"help": "average-pool the patch grid to N x N"})
+    box_mode: Literal["grid", "zeros"] | None = field(default=None, metadata={"help": "boxes of the visual tokens"})
+    dtype: Literal["float32", "float16", "bfloat16"] | None = field(default=None, metadata={"help": "tower dtype"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    skip_bad_images: bool = field(default=False, metadata={"help": "skip unreadable images (listed in the manifest)"})
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "refuse images with more pixels (bombs)"})
+    max_shards: int | None = field(default=None, metadata={"help": "stop after writing this many new shards"})
+    overwrite: bool = field(default=False, metadata={"help": "discard a previous run in --output"})
+
+    def __post_init__(self):
+        if (self.images is None) == (self.dataset is None):
+            raise ValueError("give exactly one of --images (a folder) and --dataset (a save_to_disk folder)")
+
+
+def extract(args: ExtractFeaturesArguments) -> int:
+    from ..data.extraction import extract_features
+
+    if args.dataset:
+        from datasets import DatasetDict, load_from_disk
+
+        source = load_from_disk(args.dataset)
+        if isinstance(source, DatasetDict):
+            if args.split not in source:
+                raise ValueError(f"--split must be one of {list(source)} for {args.dataset}")
+            source = source[args.split]
+    else:
+        source = args.images
+    manifest = extract_features(
+        source, args.output, args.model, image_column=args.image_column, id_column=args.id_column,
+        batch_size=args.batch_size, shard_size=args.shard_size, output_format=args.format,
+        on_error="skip" if args.skip_bad_images else "raise", device=args.device, max_pixels=args.max_pixels,
+        max_shards=args.max_shards, overwrite=args.overwrite, feature_layer=args.feature_layer,
+        feature_select=args.feature_select, grid_pool_size=args.grid_pool_size, box_mode=args.box_mode,
+        dtype=args.dtype,
+    )  # fmt: skip
+    count = sum(len(shard["ids"]) for shard in manifest["shards"])
+    state = "complete" if manifest["complete"] else "partial (run again to resume)"
+    print(f"{count} images in {len(manifest['shards'])} shards -> {args.output} [{state}]")
+    for failure in manifest["failures"]:
+        print(f"skipped {failure['id']}: {failure['reason']}")
+    return 0
+
+
+main = command_main(
+    "vl-joint-encoder extract-features",
+    [ExtractFeaturesArguments],
+    extract,
+    "CLIP (or SigLIP) grid + pooled features of a folder of images or a datasets image column, batched and resumable.",
+)

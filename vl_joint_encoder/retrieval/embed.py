@@ -1,0 +1,172 @@
+"""Embedding: the one model loader, batched `model.encode`, and the fingerprints that identify a model and a KB.
+
+Every job that embeds (training's evaluation, `encode`, `search`, `RetrievalEvaluator`) loads models with
+`load_model_and_processor` and embeds with `embed_batches`, whose batches come from `data.inputs` (the batch
+builder of training), so a passage gets the same embedding whichever job computes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from transformers.utils import logging
+
+from ..bi_encoder import TOWERS, JointEncoderBiEncoder, is_bi_encoder_dir
+from ..data.inputs import JointEncoderInputBuilder
+from ..data.references import reference_key
+from ..modeling_joint_encoder import JointEncoderModel
+
+
+logger = logging.get_logger(__name__)
+
+AUTOCAST_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _load_processing(candidate: str, tokenizer_only: bool = False):
+    """A JointEncoderProcessor (when the folder has `processor_config.json`) or a tokenizer, or None."""
+    from transformers import AutoTokenizer
+
+    from ..processing_joint_encoder import JointEncoderProcessor
+
+    if os.path.isdir(candidate):
+        if not tokenizer_only and os.path.isfile(os.path.join(candidate, "processor_config.json")):
+            return JointEncoderProcessor.from_pretrained(candidate)
+        if os.path.isfile(os.path.join(candidate, "tokenizer_config.json")):
+            return AutoTokenizer.from_pretrained(candidate)
+        return None
+    try:  # a hub id
+        if not tokenizer_only:
+            try:
+                return JointEncoderProcessor.from_pretrained(candidate)
+            except (OSError, ValueError, TypeError):
+                pass
+        return AutoTokenizer.from_pretrained(candidate)
+    except (OSError, ValueError):
+        return None
+
+
+def load_model_and_processor(
+    path: str | os.PathLike,
+    tower: str | None = None,
+    processor_path: str | None = None,
+    tokenizer_path: str | None = None,
+):
+    """
+    (model, processor or tokenizer) from a saved model folder or hub id.
+
+    Args:
+        path: a `JointEncoderModel` folder / hub id, or a separate-towers folder (`query_encoder/` +
+            `passage_encoder/`).
+        tower: for a separate-towers folder, `"query_encoder"` or `"passage_encoder"` loads that tower alone;
+            `None` loads both as a `JointEncoderBiEncoder`. Ignored for a shared-tower model.
+        processor_path / tokenizer_path: where the processing class is (default: the model folder, then the tower
+            folder). A `processor_config.json` gives a `JointEncoderProcessor` (needed for image files), else the
+            tokenizer is used.
+    """
+    path = os.fspath(path)
+    if tower is not None and tower not in TOWERS:
+        raise ValueError(f"tower must be one of {TOWERS} or None, got {tower!r}")
+    if os.path.exists(path) and not os.path.isfile(os.path.join(path, "config.json")) and not is_bi_encoder_dir(path):
+        raise ValueError(
+            f"{path!r} is not a saved model folder (no config.json, no query_encoder/ + passage_encoder/): give the "
+            f"folder written by save_pretrained / vl-joint-encoder train, or a hub id"
+        )
+    if is_bi_encoder_dir(path):
+        folder = os.path.join(path, tower or TOWERS[0])
+        model = JointEncoderModel.from_pretrained(folder) if tower else JointEncoderBiEncoder.from_pretrained(path)
+        defaults = [path, folder]
+    else:
+        model = JointEncoderModel.from_pretrained(path)
+        defaults = [path]
+    if tokenizer_path is not None and processor_path is None:
+        processing = _load_processing(tokenizer_path, tokenizer_only=True)
+        candidates = [tokenizer_path]
+    else:
+        candidates = [processor_path] if processor_path else defaults
+        processing = next((p for p in map(_load_processing, candidates) if p is not None), None)
+    if processing is None:
+        raise ValueError(
+            f"no tokenizer or processor found in {candidates}: save one next to the model or pass --processor"
+        )
+    return model, processing
+
+
+# ------------------------------------------------------------------------------------------------ fingerprints
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the weights (names, dtypes, shapes, bytes) and of the retrieval-relevant config: identifies a model."""
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    for field in ("similarity", "normalize", "pooling", "projection_dim"):
+        digest.update(f"{field}={getattr(config, field, None)};".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def kb_fingerprint(ids: Sequence[str], texts: Sequence[str], images: Sequence[Any] | None) -> str:
+    """sha256 over every (id, text, image reference): detects a KB changed since it was encoded."""
+    digest = hashlib.sha256(f"{len(ids)};".encode())
+    for row, (passage_id, text) in enumerate(zip(ids, texts)):
+        digest.update(f"{len(passage_id)}:{passage_id}{len(text)}:{text}".encode())
+        if images is not None:
+            digest.update(reference_key(images[row]).encode() + b"\0")
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ batches
+@torch.no_grad()
+def embed_batches(
+    model: torch.nn.Module,
+    processor: Any,
+    texts: Sequence[str],
+    images: Sequence[Any] | None = None,
+    batch_size: int = 64,
+    max_length: int = 256,
+    autocast_dtype: str = "float32",
+    device: torch.device | str | None = None,
+    normalize: bool | None = None,
+    feature_store: Any = None,
+    image_root: str | None = None,
+) -> torch.Tensor:
+    """
+    (len(texts), D) float32 embeddings, `model.encode` on fixed consecutive batches (same batches -> same bits).
+    `images`: one reference per text (file path relative to `image_root`, PIL image, `datasets.Image` cell, key of
+    `feature_store`, or None).
+    """
+    if autocast_dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast_dtype must be one of {list(AUTOCAST_DTYPES)}, got {autocast_dtype!r}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    dtype = AUTOCAST_DTYPES[autocast_dtype]
+    feat_dim = getattr(getattr(model, "config", None), "feat_dim", None)
+    build = JointEncoderInputBuilder(processor, max_length, feature_store, image_root, feat_dim)
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch = build(
+            list(texts[start : start + batch_size]),
+            None if images is None else list(images[start : start + batch_size]),
+        )
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        context = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+        with context:
+            embeddings = model.encode(normalize=normalize, **batch)  # (b, D)
+        out.append(embeddings.float().cpu())
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+__all__ = [
+    "AUTOCAST_DTYPES",
+    "STORAGE_DTYPES",
+    "embed_batches",
+    "kb_fingerprint",
+    "load_model_and_processor",
+    "model_fingerprint",
+]
