@@ -20,9 +20,8 @@ import importlib
 from typing import TYPE_CHECKING
 
 from . import registration
+from .utils.version import __version__
 
-
-__version__ = "0.2.0"
 
 # public name -> module (relative to this package) that defines it
 _EXPORTS = {

@@ -7,21 +7,9 @@ needs it.
 
 from __future__ import annotations
 
-import importlib
 import sys
 
-
-# command -> (module under vl_joint_encoder.commands, one-line help)
-COMMANDS = {
-    "demo": ("demo", "train and evaluate a multimodal retriever end to end on embedded data"),
-    "train": ("train", "train a joint encoder as a dense retriever (accelerate launch ...)"),
-    "data-report": ("data_report", "describe queries and KB before training"),
-    "extract-features": ("extract_features", "compute CLIP grid features for images"),
-    "encode": ("encode", "encode a knowledge base into embedding shards"),
-    "index": ("index", "build a FAISS index over encoded shards"),
-    "search": ("search", "top-k search of queries over encoded shards or an index"),
-    "evaluate": ("evaluate", "IR metrics of a run against qrels (ranx)"),
-}
+from .commands import COMMANDS, command_module
 
 
 def usage() -> str:
@@ -30,11 +18,6 @@ def usage() -> str:
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `vl-joint-encoder COMMAND --help` for a command's options."]
     return "\n".join(lines)
-
-
-def command_module(command: str):
-    """The module implementing `command` (imported on demand)."""
-    return importlib.import_module(f"vl_joint_encoder.commands.{COMMANDS[command][0]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ This file imports only its configuration file so that `save_pretrained` can expo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,9 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_joint_encoder import JointEncoderConfig
 
@@ -143,8 +146,33 @@ class JointEncoderVisualEmbedding(nn.Module):
         return embedding
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,  # (B, H, T, d_kv)
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float = 1.0,
+    dropout: float = 0.0,
+    position_bias: torch.Tensor | None = None,  # (B or 1, H, T, T), additive
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with the weights materialised (returned with `output_attentions`): softmax in fp32, as T5.
+    Returns (context (B, T, H, d_kv), weights (B, H, T, T)), the layout of transformers' attention interfaces."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, T, T)
+    if position_bias is not None:
+        scores = scores + position_bias
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = F.softmax(scores.float(), dim=-1).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    context = torch.matmul(weights, value)  # (B, H, T, d_kv)
+    return context.transpose(1, 2).contiguous(), weights
+
+
 class JointEncoderAttention(nn.Module):
-    """T5 self-attention: no 1/sqrt(d) scaling; position bias and mask are one additive float tensor."""
+    """T5 self-attention: no 1/sqrt(d) scaling; position bias and mask are one additive float tensor, given to the
+    attention function (eager, sdpa, flex, through transformers' `ALL_ATTENTION_FUNCTIONS`) as `position_bias`."""
 
     def __init__(self, config: JointEncoderConfig, has_relative_attention_bias: bool = False):
         super().__init__()
@@ -154,6 +182,7 @@ class JointEncoderAttention(nn.Module):
         self.d_kv = config.d_kv
         self.inner_dim = config.num_heads * config.d_kv
         self.dropout = config.dropout_rate
+        self.is_causal = False  # an encoder: every token sees every token (what sdpa/flex read)
         self.q = nn.Linear(config.d_model, self.inner_dim, bias=False)
         self.k = nn.Linear(config.d_model, self.inner_dim, bias=False)
         self.v = nn.Linear(config.d_model, self.inner_dim, bias=False)
@@ -202,29 +231,27 @@ class JointEncoderAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,  # (B, T, d_model)
         attention_bias: torch.Tensor,  # (B or 1, H, T, T): position bias + additive mask
-        eager: bool = False,
+        attention_interface: Callable = eager_attention_forward,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`eager` (attention weights computed and returned) is decided once per model forward, from
-        `config._attn_implementation` and `output_attentions`, instead of reading the config in every layer."""
+        """`attention_interface` is chosen once per model forward (from `config._attn_implementation` and
+        `output_attentions`) instead of reading the config in every layer."""
         batch_size, length = hidden_states.shape[:2]
         shape = (batch_size, length, self.n_heads, self.d_kv)
         query = self.q(hidden_states).view(shape).transpose(1, 2)  # (B, H, T, d_kv)
         key = self.k(hidden_states).view(shape).transpose(1, 2)
         value = self.v(hidden_states).view(shape).transpose(1, 2)
-        dropout = self.dropout if self.training else 0.0
-
-        if not eager:
-            context = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_bias.to(query.dtype), dropout_p=dropout, scale=1.0
-            )
-            weights = None
-        else:
-            scores = torch.matmul(query, key.transpose(-1, -2)) + attention_bias  # (B, H, T, T)
-            weights = F.softmax(scores.float(), dim=-1).to(query.dtype)
-            weights = F.dropout(weights, p=dropout, training=self.training)
-            context = torch.matmul(weights, value)  # (B, H, T, d_kv)
-        context = context.transpose(1, 2).reshape(batch_size, length, self.inner_dim)
-        return self.o(context), weights
+        context, weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,  # the mask is already in the bias
+            dropout=self.dropout if self.training else 0.0,
+            scaling=1.0,  # T5 folds the 1/sqrt(d) scaling into its initialisation
+            # the fused kernels need the bias in the query's dtype (under autocast too); eager adds it in its own
+            position_bias=attention_bias if attention_interface is eager_attention_forward else attention_bias.to(query.dtype),
+        )  # (B, T, H, d_kv)
+        return self.o(context.reshape(batch_size, length, self.inner_dim)), weights
 
 
 class JointEncoderLayerSelfAttention(nn.Module):
@@ -236,8 +263,8 @@ class JointEncoderLayerSelfAttention(nn.Module):
             self.adapter = JointEncoderAdapter(config)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, hidden_states, attention_bias, eager=False):
-        attention_output, weights = self.SelfAttention(self.layer_norm(hidden_states), attention_bias, eager)
+    def forward(self, hidden_states, attention_bias, attention_interface=eager_attention_forward):
+        attention_output, weights = self.SelfAttention(self.layer_norm(hidden_states), attention_bias, attention_interface)
         if hasattr(self, "adapter"):
             attention_output = self.adapter(attention_output)
         return hidden_states + self.dropout(attention_output), weights
@@ -289,8 +316,8 @@ class JointEncoderBlock(GradientCheckpointingLayer):
             [JointEncoderLayerSelfAttention(config, has_relative_attention_bias), JointEncoderLayerFF(config)]
         )
 
-    def forward(self, hidden_states, attention_bias, eager=False):
-        hidden_states, weights = self.layer[0](hidden_states, attention_bias, eager)
+    def forward(self, hidden_states, attention_bias, attention_interface=eager_attention_forward):
+        hidden_states, weights = self.layer[0](hidden_states, attention_bias, attention_interface)
         hidden_states = _clamp_fp16(hidden_states)
         hidden_states = _clamp_fp16(self.layer[1](hidden_states))
         return hidden_states, weights
@@ -390,8 +417,10 @@ class JointEncoderPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["JointEncoderBlock"]
+    _keep_in_fp32_modules = ["wo"]  # as T5: the feed-forward output overflows in fp16
     _supports_sdpa = True
-    _supports_flash_attn = False
+    _supports_flex_attn = True  # the bias (relative positions on text x text, and the mask) is a score_mod
+    _supports_flash_attn = False  # flash attention takes no additive bias
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^lm_head\."]
 
     def _init_weights(self, module):
@@ -616,6 +645,7 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
                 raise ValueError(f"object_order_ids must be in [0, vocab_size={config.vocab_size})")
 
     # ------------------------------------------------------------------------------------------------ forward
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -629,7 +659,6 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
         pixel_attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> JointEncoderOutput | tuple:
         config = self.config
@@ -637,7 +666,6 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
             raise TypeError(f"JointEncoderModel.forward got unexpected arguments: {sorted(kwargs)}")
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        return_dict = return_dict if return_dict is not None else config.return_dict
 
         if pixel_values is not None:
             if visual_feats is not None:
@@ -710,9 +738,12 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
         hidden_states = self.dropout(hidden_states)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        eager = output_attentions or config._attn_implementation != "sdpa"
+        # eager when the weights are asked for; else the configured implementation (sdpa, flex_attention, ...)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            "eager" if output_attentions else config._attn_implementation, eager_attention_forward
+        )
         for block in self.block:
-            hidden_states, weights = block(hidden_states, attention_bias, eager)
+            hidden_states, weights = block(hidden_states, attention_bias, attention_interface)
             if output_attentions:
                 all_attentions += (weights,)
             if output_hidden_states and block is not self.block[-1]:
@@ -722,10 +753,6 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
             all_hidden_states += (hidden_states,)
 
         pooled = self.pool(hidden_states, joint_mask, text_length)
-        if not return_dict:
-            return tuple(
-                v for v in (hidden_states, pooled, joint_mask, all_hidden_states, all_attentions) if v is not None
-            )
         return JointEncoderOutput(
             last_hidden_state=hidden_states,
             pooler_output=pooled,

@@ -12,10 +12,29 @@ before any of them is loaded; `main` imports what the command needs after parsin
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
+
+
+# command -> (module under vl_joint_encoder.commands, one-line help)
+COMMANDS = {
+    "demo": ("demo", "train and evaluate a multimodal retriever end to end on embedded data"),
+    "train": ("train", "train a joint encoder as a dense retriever (accelerate launch ...)"),
+    "data-report": ("data_report", "describe queries and KB before training"),
+    "extract-features": ("extract_features", "compute CLIP grid features for images"),
+    "encode": ("encode", "encode a knowledge base into embedding shards"),
+    "index": ("index", "build a FAISS index over encoded shards"),
+    "search": ("search", "top-k search of queries over encoded shards or an index"),
+    "evaluate": ("evaluate", "IR metrics of a run against qrels (ranx)"),
+}
+
+
+def command_module(command: str):
+    """The module implementing `command` (imported on demand)."""
+    return importlib.import_module(f"{__name__}.{COMMANDS[command][0]}")
 
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
@@ -110,4 +129,12 @@ def command_main(prog: str, dataclass_types: Sequence[type], body: Callable[...,
     return main
 
 
-__all__ = ["ArgumentError", "command_main", "parse_arguments", "read_config_file", "run_command"]
+__all__ = [
+    "COMMANDS",
+    "ArgumentError",
+    "command_main",
+    "command_module",
+    "parse_arguments",
+    "read_config_file",
+    "run_command",
+]

@@ -11,7 +11,7 @@ import io
 import os
 import sys
 
-from ..cli import COMMANDS, command_module
+from . import COMMANDS, command_module
 
 
 HELP_COLUMNS = 110  # help text is wrapped at this width in the README reference

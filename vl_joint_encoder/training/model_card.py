@@ -29,9 +29,9 @@ def write_trained_model_card(
     import torch
     import transformers
 
-    from .. import __version__
     from ..bi_encoder import JointEncoderBiEncoder
     from ..utils.model_cards import render_model_card
+    from ..utils.version import __version__
 
     args = trainer.args
     model = trainer.accelerator.unwrap_model(trainer.model)
