@@ -28,47 +28,21 @@ _TOWERS = {
 }
 
 
-def tiny_clip_vision_config(
-    hidden_size: int = 32,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 4,
-    intermediate_size: int = 37,
-    image_size: int = 32,
-    patch_size: int = 8,
-    **kwargs,
-) -> CLIPVisionConfig:
-    """A transformers-test-sized CLIP vision tower (image 32, patch 8: a 4 x 4 grid + CLS) for tests and demos."""
-    return CLIPVisionConfig(
-        hidden_size=hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        intermediate_size=intermediate_size,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=hidden_size,
-        **kwargs,
-    )
+_TINY_TOWER = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=32, patch_size=8
+)
 
 
-def tiny_siglip_vision_config(
-    hidden_size: int = 32,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 4,
-    intermediate_size: int = 37,
-    image_size: int = 32,
-    patch_size: int = 8,
-    **kwargs,
-) -> SiglipVisionConfig:
+def tiny_clip_vision_config(**kwargs) -> CLIPVisionConfig:
+    """A transformers-test-sized CLIP vision tower (image 32, patch 8: a 4 x 4 grid + CLS) for tests and demos;
+    keyword arguments override any `CLIPVisionConfig` field."""
+    values = {**_TINY_TOWER, **kwargs}
+    return CLIPVisionConfig(**{"projection_dim": values["hidden_size"], **values})
+
+
+def tiny_siglip_vision_config(**kwargs) -> SiglipVisionConfig:
     """A tiny SigLIP vision tower: patch tokens only (no CLS token), attention-pooled head."""
-    return SiglipVisionConfig(
-        hidden_size=hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        intermediate_size=intermediate_size,
-        image_size=image_size,
-        patch_size=patch_size,
-        **kwargs,
-    )
+    return SiglipVisionConfig(**{**_TINY_TOWER, **kwargs})
 
 
 def load_vision_tower(checkpoint: str | os.PathLike, **from_pretrained_kwargs) -> torch.nn.Module:
