@@ -8,7 +8,6 @@ here the towers are submodules of a `PreTrainedModel`.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from transformers.utils import logging
 
 from .configuration_joint_encoder import JointEncoderConfig
 from .modeling_joint_encoder import JointEncoderModel, JointEncoderPreTrainedModel
+from .utils.io import write_json
 
 
 logger = logging.get_logger(__name__)
@@ -98,9 +98,7 @@ class JointEncoderBiEncoder(JointEncoderPreTrainedModel):
             getattr(self, tower).save_pretrained(os.path.join(save_directory, tower), state_dict=tower_state, **kwargs)
         if is_main_process:
             path = os.path.join(save_directory, BI_ENCODER_FILE)
-            with open(path + ".tmp", "w") as f:
-                json.dump({"architecture": type(self).__name__, "towers": list(TOWERS)}, f, indent=2)
-            os.replace(path + ".tmp", path)
+            write_json(path, {"architecture": type(self).__name__, "towers": list(TOWERS)})
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs) -> JointEncoderBiEncoder:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 from collections.abc import Mapping, Sequence
 
@@ -17,9 +16,10 @@ def _figure_module():
 
 
 def _save(figure, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    from ..utils.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
 def plot_training(log_history: Sequence[Mapping], path: str, untrained_mrr: float | None = None,

@@ -283,6 +283,8 @@ def write_toy_world(world: ToyWorld, directory: str) -> dict[str, str]:
     import json
     import os
 
+    from ..utils.io import atomic_path, atomic_write, write_json
+
     os.makedirs(os.path.join(directory, "images"), exist_ok=True)
     written_images: dict[int, str] = {}
 
@@ -290,17 +292,16 @@ def write_toy_world(world: ToyWorld, directory: str) -> dict[str, str]:
         if id(image) not in written_images:  # the KB shares one canonical image per entity
             relative = f"images/{name}.png"
             target = os.path.join(directory, relative)
-            image.save(target + ".tmp", format="PNG")
-            os.replace(target + ".tmp", target)
+            with atomic_path(target) as tmp:
+                image.save(tmp, format="PNG")
             written_images[id(image)] = relative
         return written_images[id(image)]
 
     def write_jsonl(name: str, rows: list[dict]) -> str:
         path = os.path.join(directory, name)
-        with open(path + ".tmp", "w") as f:
+        with atomic_write(path) as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-        os.replace(path + ".tmp", path)
         return path
 
     paths = {"kb": write_jsonl("kb.jsonl", [
@@ -309,9 +310,7 @@ def write_toy_world(world: ToyWorld, directory: str) -> dict[str, str]:
     for split, rows in world.splits.items():
         paths[split] = write_jsonl(f"{split}.jsonl", [{**row, "image": image_path(row["image"], row["id"])} for row in rows])
         qrels_path = os.path.join(directory, f"qrels.{split}.json")
-        with open(qrels_path + ".tmp", "w") as f:
-            json.dump(world.qrels(split), f)
-        os.replace(qrels_path + ".tmp", qrels_path)
+        write_json(qrels_path, world.qrels(split), indent=None)
     return paths
 
 
