@@ -35,22 +35,44 @@ logger = logging.get_logger(__name__)
 
 K1, B = 0.5, 0.3  # experiments/ir/viquae/bm25/config.json ("similarity": {"viquae_bm25": {"b": 0.3, "k1": 0.5}})
 MAX_TOKEN_LENGTH = 255  # Elasticsearch standard tokenizer's max_token_length
-_LETTER = r"[^\W\d_]"
-# UAX #29 WB6/7 (letter MidLetter|MidNumLet letter) and WB11/12 (digit MidNum|MidNumLet digit), ASCII mid characters
-_WORD = re.compile(rf"\w+(?:(?:(?<={_LETTER})[.'’:·](?={_LETTER})|(?<=\d)[.,;'’](?=\d))\w+)*")
+# UAX #29: a "mid" character joins two letters (WB6/7: MidLetter, MidNumLet) or two digits (WB11/12: MidNum,
+# MidNumLet); the ASCII ones and the typographic apostrophe. Candidates are cut with a cheap pattern, then the few
+# holding a mid character are re-split by the rules.
+_CANDIDATE = re.compile(r"\w+(?:[.'’:·,;]\w+)*")
+_MID = re.compile(r"([.'’:·,;])")
+_LETTER_MIDS, _DIGIT_MIDS = frozenset(".'’:·"), frozenset(".,;'’")
 INDEX_META = "viquae_bm25.json"
+
+
+def _split_mids(token: str) -> list[str]:
+    parts = _MID.split(token)  # word, mid, word, mid, word...
+    out = [parts[0]]
+    for mid, word in zip(parts[1::2], parts[2::2]):
+        left = out[-1][-1]
+        joins = (left.isalpha() and word[0].isalpha() and mid in _LETTER_MIDS) or (
+            left.isdigit() and word[0].isdigit() and mid in _DIGIT_MIDS
+        )
+        if joins:
+            out[-1] += mid + word
+        else:
+            out.append(word)
+    return out
 
 
 def standard_analyzer(text: str) -> list[str]:
     """The tokens Elasticsearch's ``standard`` analyzer makes of `text` (see the module docstring)."""
+    candidates = _CANDIDATE.findall(text.lower())
+    if "".join(candidates).isalnum() and max(map(len, candidates), default=0) <= MAX_TOKEN_LENGTH:
+        return candidates  # the common case: no mid character, no "_", no overlong token
     tokens = []
-    for token in _WORD.findall(text.lower()):
-        if not token.strip("_"):
-            continue
-        if len(token) > MAX_TOKEN_LENGTH:
-            tokens.extend(token[i : i + MAX_TOKEN_LENGTH] for i in range(0, len(token), MAX_TOKEN_LENGTH))
-        else:
-            tokens.append(token)
+    for candidate in candidates:
+        for token in _split_mids(candidate) if not candidate.isalnum() and _MID.search(candidate) else (candidate,):
+            if not token.strip("_"):
+                continue
+            if len(token) > MAX_TOKEN_LENGTH:
+                tokens.extend(token[i : i + MAX_TOKEN_LENGTH] for i in range(0, len(token), MAX_TOKEN_LENGTH))
+            else:
+                tokens.append(token)
     return tokens
 
 
