@@ -218,7 +218,7 @@ def test_prepare_writes_columns_runs_and_qrels(handmade, tmp_path, capsys):
             "--passages", str(handmade["passages"]), "--output", str(out), "--k", "4"]  # fmt: skip
     assert prepare_main(args) == 0
     prepared = datasets.load_from_disk(str(out / "questions"))
-    for split, table in prepared.items():
+    for table in prepared.values():
         for item in table:
             assert item["provenance_indices"] == EXPECTED_PROVENANCE[item["id"]]
             assert len(item["BM25_provenance_indices"]) + len(item["BM25_irrelevant_indices"]) <= 4 + 1
