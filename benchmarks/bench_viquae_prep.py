@@ -86,18 +86,27 @@ def measure(size: int, n_questions: int) -> dict:
 
 
 def extrapolate(results: list[dict]) -> dict:
+    """Linear fits over the measured sizes (slopes: the marginal cost of one more passage; fixed costs such as the
+    vocabulary's do not grow with it), applied to the full size."""
     largest = max(results, key=lambda r: r["passages"])
     sizes = np.array([r["passages"] for r in results], dtype=np.float64)
-    growth = np.array([r["peak_rss_gb"] - r["corpus_rss_gb"] for r in results])
-    per_passage_gb = float(np.polyfit(sizes, growth, 1)[0]) if len(results) > 1 else float(growth[0] / sizes[0])
-    scale = FULL_PASSAGES / largest["passages"]
-    analyze = largest["analyze_s_per_passage"] * FULL_PASSAGES / TARGET_CORES
-    index = largest["index_s_per_passage"] * FULL_PASSAGES
-    search = largest["search_s_per_question"] * scale * FULL_QUESTIONS / TARGET_CORES
+
+    def slope(values):
+        values = np.asarray(values, dtype=np.float64)
+        return float(np.polyfit(sizes, values, 1)[0]) if len(results) > 1 else float(values[0] / sizes[0])
+
+    analyze_per_passage = float(np.mean([r["analyze_s_per_passage"] for r in results]))
+    index_per_passage = slope([r["build_s"] for r in results]) - analyze_per_passage  # ids + bm25s, serial
+    per_passage_gb = slope([r["peak_rss_gb"] - r["corpus_rss_gb"] for r in results])
+    search_per_passage = slope([r["search_s_per_question"] for r in results])  # grows with the postings read
+    analyze = analyze_per_passage * FULL_PASSAGES / TARGET_CORES
+    index = index_per_passage * FULL_PASSAGES
+    search = max(search_per_passage * FULL_PASSAGES, largest["search_s_per_question"]) * FULL_QUESTIONS / TARGET_CORES
     match = largest["match_s_per_question"] * FULL_QUESTIONS
     return {"analyze_min": analyze / 60, "index_min": index / 60, "search_min": search / 60, "match_min": match / 60,
             "total_min": (analyze + index + search + match) / 60, "index_peak_gb": per_passage_gb * FULL_PASSAGES,
-            "per_passage_kb": per_passage_gb * 1e6}  # fmt: skip
+            "per_passage_kb": per_passage_gb * 1e6, "index_us_per_passage": index_per_passage * 1e6,
+            "search_s_per_question_full": search / FULL_QUESTIONS * TARGET_CORES}  # fmt: skip
 
 
 def main() -> None:
@@ -124,7 +133,8 @@ def main() -> None:
     full = extrapolate(results)
     print(f"extrapolated to {FULL_PASSAGES:,} passages and {FULL_QUESTIONS:,} questions on {TARGET_CORES} cores: "
           f"analysis {full['analyze_min']:.1f} min ({TARGET_CORES} processes), ids + bm25s index "
-          f"{full['index_min']:.1f} min (serial), retrieval {full['search_min']:.1f} min ({TARGET_CORES} threads), "
+          f"{full['index_min']:.1f} min (serial, {full['index_us_per_passage']:.0f} us/passage), retrieval "
+          f"{full['search_min']:.1f} min ({full['search_s_per_question_full']:.2f} s/question, {TARGET_CORES} threads), "
           f"answer matching {full['match_min']:.2f} min -> {full['total_min']:.0f} min in all; index memory "
           f"{full['per_passage_kb']:.2f} KB/passage -> peak {full['index_peak_gb']:.0f} GB")  # fmt: skip
 

@@ -40,7 +40,7 @@ def test_recipe_steps_on_the_miniature(tmp_path):
               "key": "BM25", "eval_split": "validation", "title_mode": "replace", "output_dir": str(tmp_path / "model"),
               "use_cpu": True, "per_device_train_batch_size": 2, "max_steps": 3, "learning_rate": 1e-3,
               "logging_steps": 1, "save_strategy": "no", "report_to": [], "disable_tqdm": True,
-              "passage_max_length": 64}  # fmt: skip
+              "passage_max_length": 64, "log_level": "info"}  # fmt: skip
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -56,6 +56,17 @@ def is_hub_id(source: Any) -> bool:
     return isinstance(source, str) and not os.path.exists(source) and bool(_HUB_ID.match(source))
 
 
+def _from_hub(load, source: str, what: str):
+    """`load()` of a hub dataset, a failure explained (a mistyped local path looks like a hub id too)."""
+    try:
+        return load()
+    except Exception as error:  # datasets / huggingface_hub raise many types (offline, not found, network)
+        raise ValueError(
+            f"{what} {source!r} is no local path, and reading it as a hub dataset failed ({type(error).__name__}: "
+            f"{str(error)[:300]}); check the path, or the hub id and the network (HF_HUB_OFFLINE)"
+        ) from None
+
+
 # ------------------------------------------------------------------------------------------------ questions
 def load_questions(source: Any, splits: Sequence[str] = SPLITS):
     """`{split: datasets.Dataset}` of the questions (the splits of `splits` that the source has; at least one)."""
@@ -67,7 +78,7 @@ def load_questions(source: Any, splits: Sequence[str] = SPLITS):
         found = {"test": source}
     elif is_hub_id(source):
         files = {split: f"{split}.jsonl" for split in splits}
-        found = dict(datasets.load_dataset(source, data_files=files))
+        found = dict(_from_hub(lambda: datasets.load_dataset(source, data_files=files), source, "questions"))
     elif isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
         path = os.fspath(source)
         jsonl = {split: os.path.join(path, f"{split}.jsonl") for split in splits}
@@ -132,7 +143,10 @@ def load_articles(source: Any, columns: Sequence[str] = ARTICLE_COLUMNS):
     elif is_hub_id(source):
         from huggingface_hub import hf_hub_download
 
-        paths = {name: hf_hub_download(source, f"{name}.jsonl.gz", repo_type="dataset") for name in ARTICLE_FILES}
+        paths = _from_hub(
+            lambda: {name: hf_hub_download(source, f"{name}.jsonl.gz", repo_type="dataset") for name in ARTICLE_FILES},
+            source, "articles",
+        )  # fmt: skip
         table = datasets.Dataset(pa.concat_tables([_json_articles(paths[name], columns) for name in RECAT_ORDER]))
     elif isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
         path = os.fspath(source)
@@ -175,7 +189,7 @@ def load_passages(source: Any):
     if isinstance(source, datasets.Dataset):
         table = source
     elif is_hub_id(source):
-        table = datasets.load_dataset(source, split="train")
+        table = _from_hub(lambda: datasets.load_dataset(source, split="train"), source, "passages")
     elif isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
         table = datasets.load_from_disk(os.fspath(source))
         if isinstance(table, datasets.DatasetDict):
