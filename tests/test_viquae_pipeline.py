@@ -97,3 +97,14 @@ def test_recipe_steps_on_the_miniature(tmp_path):
     assert set(metrics) == {"bm25", "dense", "fused"}
     assert all(set(m) == {"mrr@100", "precision@1", "precision@20", "hit_rate@20"} for m in metrics.values())
     assert all(0 <= v <= 1 for m in metrics.values() for v in m.values())
+
+
+def test_run_sh_refuses_incomplete_arguments(tmp_path):
+    """The recipe script's interface (the one checks call); the run itself is the steps above, reported in README."""
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "viquae", "run.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    result = subprocess.run(["bash", script, "--questions", "Q", "--articles", "A", "--passages", "P",
+                             "--images", "D"], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2 and "--output is required" in result.stderr
+    result = subprocess.run(["bash", script, "--output", str(tmp_path), "--smal"], capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown argument --smal" in result.stderr
