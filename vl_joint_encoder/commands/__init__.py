@@ -29,6 +29,12 @@ COMMANDS = {
     "index": ("index", "build a FAISS index over encoded shards"),
     "search": ("search", "top-k search of queries over encoded shards or an index"),
     "evaluate": ("evaluate", "IR metrics of a run against qrels (ranx)"),
+    "fuse": ("fuse", "late fusion of runs (ranx), weights given or tuned on validation"),
+    "viquae-prepare": ("viquae_prepare", "ViQuAE as published -> relevance, BM25 runs and negatives, qrels"),
+    "viquae-train": ("viquae_train", "train on prepared ViQuAE (accelerate launch ...)"),
+    "viquae-search": ("viquae_search", "dense run of a trained model over the ViQuAE passages"),
+    "viquae-negatives": ("viquae_negatives", "positives/negatives columns of a key from runs (mining)"),
+    "viquae-evaluate": ("viquae_evaluate", "metric table of runs on answer-extended qrels, as the authors"),
 }
 
 

@@ -15,6 +15,7 @@ from . import COMMANDS, command_module
 
 
 HELP_COLUMNS = 110  # help text is wrapped at this width in the README reference
+TRAINER_COMMANDS = ("train", "viquae-train")  # their --help lists all of TrainingArguments: only our options here
 
 
 def help_text(command: str) -> str:
@@ -36,21 +37,32 @@ def help_text(command: str) -> str:
     return buffer.getvalue().rstrip()
 
 
-def train_options() -> str:
-    """`train` accepts every `TrainingArguments` option; the reference lists the ones this package adds."""
+def train_options(command: str = "train") -> str:
+    """`train` / `viquae-train` accept every `TrainingArguments` option; the reference lists the ones this package
+    adds."""
     from transformers import TrainingArguments
 
     from ..training.arguments import JointEncoderTrainingArguments
     from .train import DataArguments, ModelArguments
 
     inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if command == "train":
+        groups = (ModelArguments, DataArguments, JointEncoderTrainingArguments)
+        example = "--model_name_or_path M --train_queries Q --kb KB --output_dir OUT [...]"
+    else:
+        from .viquae_common import ViquaeInputArguments, ViquaeSourceArguments
+        from .viquae_train import ViquaeTrainArguments
+
+        groups = (ModelArguments, ViquaeSourceArguments, ViquaeInputArguments, ViquaeTrainArguments,
+                  JointEncoderTrainingArguments)  # fmt: skip
+        example = "--model_name_or_path M --questions PREPARED --output_dir OUT [...]"
     lines = [
-        "usage: vl-joint-encoder train CONFIG.yaml|CONFIG.json [--option value ...]",
-        "       vl-joint-encoder train --model_name_or_path M --train_queries Q --kb KB --output_dir OUT [...]",
+        f"usage: vl-joint-encoder {command} CONFIG.yaml|CONFIG.json [--option value ...]",
+        f"       vl-joint-encoder {command} {example}",
         "",
-        "Every transformers TrainingArguments option is accepted (see `vl-joint-encoder train --help`), plus:",
+        f"Every transformers TrainingArguments option is accepted (see `vl-joint-encoder {command} --help`), plus:",
     ]
-    for group in (ModelArguments, DataArguments, JointEncoderTrainingArguments):
+    for group in groups:
         lines.append(f"\n{group.__name__}:")
         for field in dataclasses.fields(group):
             if not field.init or (
@@ -71,7 +83,7 @@ def markdown_reference() -> str:
     """Each command's help as a collapsed markdown section."""
     parts = []
     for command, (_, summary) in COMMANDS.items():
-        text = train_options() if command == "train" else help_text(command)
+        text = train_options(command) if command in TRAINER_COMMANDS else help_text(command)
         parts.append(
             f"<details><summary><code>vl-joint-encoder {command}</code>: {summary}</summary>\n\n"
             f"```text\n{text}\n```\n\n</details>"

@@ -107,7 +107,9 @@ def build_evaluator(data_args: DataArguments, processing, max_length: int, kb=No
     )  # fmt: skip
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict:
+def run(model_args: ModelArguments, data_args: DataArguments, training_args, data_description: str | None = None) -> dict:
+    """Train and save; `data_args` may also hold already-read tables / a `KnowledgeBase` / a feature store instead
+    of paths (as `viquae-train` passes them), then `data_description` says what they are in the model card."""
     import transformers
     from transformers.trainer_utils import get_last_checkpoint
     from transformers.utils import logging
@@ -156,8 +158,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> 
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     trainer.save_state()
-    description = (f"Queries: `{', '.join(data_args.train_queries)}`; knowledge base: `{', '.join(data_args.kb)}` "
-                   f"(column preset `{data_args.columns}`).")
+    description = data_description or (
+        f"Queries: `{', '.join(map(str, data_args.train_queries))}`; knowledge base: "
+        f"`{', '.join(map(str, data_args.kb))}` (column preset `{data_args.columns}`)."
+    )
     hub_id = model_args.model_name_or_path if not os.path.isdir(model_args.model_name_or_path) else None
     trainer.save_final_model(results=metrics, data_description=description, base_model=hub_id)
     return metrics
