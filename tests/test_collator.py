@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from vl_joint_encoder.training.collator import ContrastiveCollator
 from vl_joint_encoder.data.tables import prepare_training_data
 from vl_joint_encoder.tokenization_joint_encoder import train_vl_t5_tokenizer
+from vl_joint_encoder.training.collator import ContrastiveCollator
 
 
 KB = [{"id": f"p{i}", "text": f"passage p{i} about topic {i}", "image": f"e{i % 2}"} for i in range(8)]

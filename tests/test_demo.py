@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from vl_joint_encoder.commands.demo import main
-from vl_joint_encoder.demo.toy_world import build_toy_world, write_toy_world
 from vl_joint_encoder.demo.render import render_sigil
 from vl_joint_encoder.demo.run import chance_mrr_at_10
+from vl_joint_encoder.demo.toy_world import build_toy_world, write_toy_world
 
 
 SMALL = ["--num-entities", "16", "--num-unseen-entities", "4", "--train-renderings", "4", "--max-steps", "160",

@@ -14,8 +14,8 @@ from vl_joint_encoder.commands import encode as encode_command
 from vl_joint_encoder.commands import search as search_command
 from vl_joint_encoder.data.feature_stores import open_feature_store
 from vl_joint_encoder.retrieval import embed, encode
-from vl_joint_encoder.retrieval.store import EmbeddingStore
 from vl_joint_encoder.retrieval.evaluator import RetrievalEvaluator
+from vl_joint_encoder.retrieval.store import EmbeddingStore
 
 
 FEAT_DIM = 16  # tiny_config_kwargs

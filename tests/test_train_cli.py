@@ -13,8 +13,8 @@ from synthetic_retrieval import all_texts, make_task
 from transformers import AutoModel
 
 from vl_joint_encoder import JointEncoderConfig, JointEncoderModel
-from vl_joint_encoder.tokenization_joint_encoder import train_vl_t5_tokenizer
 from vl_joint_encoder.commands.train import main
+from vl_joint_encoder.tokenization_joint_encoder import train_vl_t5_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from transformers import AutoModel, AutoTokenizer, TrainerCallback
 from vl_joint_encoder import JointEncoderConfig, JointEncoderModel
 from vl_joint_encoder.bi_encoder import JointEncoderBiEncoder
 from vl_joint_encoder.data.inputs import JointEncoderInputBuilder
-from vl_joint_encoder.training.freezing import apply_freezing
 from vl_joint_encoder.tokenization_joint_encoder import train_vl_t5_tokenizer
 from vl_joint_encoder.training.arguments import JointEncoderTrainingArguments
+from vl_joint_encoder.training.freezing import apply_freezing
 from vl_joint_encoder.training.trainer import JointEncoderTrainer
 
 
