@@ -841,7 +841,10 @@ def convert(
         model.save_pretrained(tmp)
         if converted.tokenizer is not None:
             converted.tokenizer.save_pretrained(tmp)
-            # the processor carries the config's text prefix and the input checks: what encode / search / train load
+            # the processor carries the config's text prefix and the input checks: what encode / search / train load.
+            # Loading AutoProcessor registers ours for the remote-code export (vl_joint_encoder.registration).
+            from transformers import AutoProcessor  # noqa: F401
+
             JointEncoderProcessor.from_model_config(model.config, converted.tokenizer).save_pretrained(tmp)
         checks = self_check(
             tmp, converted.original, converted.hp, tolerance, text_only_state=converted.text_only_state,

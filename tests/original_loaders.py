@@ -63,7 +63,7 @@ def load_obj_tsv(fname, topk=None):
     data = []
     with open(fname) as f:
         reader = csv.DictReader(f, FIELDNAMES, delimiter="\t")
-        for i, item in enumerate(reader):
+        for item in reader:
             for key in ["img_h", "img_w", "num_boxes"]:
                 item[key] = int(item[key])
             boxes = item["num_boxes"]
@@ -89,7 +89,7 @@ def tsv_to_h5(tsv_path, h5_path):
     """[T] feature_extraction/tsv_to_h5.py __main__."""
     data = load_obj_tsv(tsv_path)
     with h5py.File(h5_path, "w") as f:
-        for i, datum in enumerate(data):
+        for datum in data:
             img_id = datum["img_id"]
             num_boxes = datum["num_boxes"]
             grp = f.create_group(img_id)
