@@ -3,6 +3,7 @@ checkpoint folder loaded (`--source bart`). Spec: docs/vl_bart_encoder_spec.md."
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -102,11 +103,12 @@ def load_bart(checkpoint: str | Path, load_state_dict):
         except Exception as error:
             raise ConversionError(f"cannot find {str(checkpoint)!r} locally nor download it from the Hub: {error}") from error
     try:
+        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
         bart_config = BartConfig.from_pretrained(directory)
     except Exception as error:
         raise ConversionError(f"{directory} has no readable BART config.json: {error}") from error
-    if bart_config.model_type != "bart":
-        raise ConversionError(f"{directory} holds a {bart_config.model_type!r} model, not BART")
+    if model_type != "bart":
+        raise ConversionError(f"{directory} holds a {model_type!r} model, not BART")
     files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
     if not files:
         raise ConversionError(f"{directory} has no model.safetensors / pytorch_model.bin")

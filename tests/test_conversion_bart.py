@@ -304,6 +304,14 @@ def test_bad_bart_folders(tmp_path):
     BartModel(BartConfig(**bart_config_kwargs(vocab_size=BASE_VOCAB_SIZE))).save_pretrained(tmp_path / "bart")
     with pytest.raises(ConversionError, match="--source bart reads heads"):
         convert(tmp_path / "bart", tmp_path / "out", num_heads=4)
+    from transformers import T5Config, T5EncoderModel
+
+    T5EncoderModel(T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=4)).save_pretrained(
+        tmp_path / "t5")
+    with pytest.raises(ConversionError, match="holds a 't5' model, not BART"):
+        convert(tmp_path / "t5", tmp_path / "out", source="bart")
+    with pytest.raises(ConversionError, match="holds a 'bart' model, not T5"):
+        convert(tmp_path / "bart", tmp_path / "out", source="t5")
     assert not (tmp_path / "out").exists()
 
 

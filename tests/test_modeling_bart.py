@@ -273,6 +273,19 @@ def test_eager_and_sdpa_agree_and_attentions_are_returned():
     assert len(out.hidden_states) == 3 and torch.equal(out.hidden_states[-1], out.last_hidden_state)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention: on CPU its compile takes ~20 s")
+def test_flex_attention_agrees_with_eager():
+    """BART's additive mask goes to flex_attention as a (B, 1, T, T) score mask (transformers reads [b][0][q][k])."""
+    state = vl_bart_state_dict(seed=41)
+    eager = ours_from_original(state, attn_implementation="eager").cuda()
+    flex = ours_from_original(state, attn_implementation="flex_attention").cuda()
+    ids = text_batch(seed=42).cuda()
+    feats, boxes = (t.cuda() for t in visual_batch(seed=43))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1] * 5]).cuda()
+    inputs = dict(input_ids=ids, visual_feats=feats, visual_pos=boxes, visual_attention_mask=mask)
+    torch.testing.assert_close(joint(flex, **inputs), joint(eager, **inputs), atol=1e-4, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------ the package parts
 def test_pooling_and_head_are_the_shared_retrieval_head():
     state = vl_bart_state_dict(seed=29)

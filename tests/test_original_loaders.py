@@ -28,6 +28,7 @@ from vl_joint_encoder.data.feature_stores import (
     FasterRCNNFeatures,
     LXMERTTSVFeatures,
     PerImageCLIPFeatures,
+    open_feature_file,
     open_feature_store,
 )
 from vl_joint_encoder.data.feature_stores import tsv_to_h5 as package_tsv_to_h5
@@ -189,6 +190,7 @@ def test_vl_adapter_per_image_folder_as_its_loader(tmp_path, tokenizer):
     original = vl_adapter_vqa_clip_batch(Path(folder), list(zip(IMAGE_IDS, QUESTIONS)), tokenizer, prompt="vqa: ")
     store = open_feature_store(folder)
     assert isinstance(store, PerImageCLIPFeatures) and store.keys() == sorted(IMAGE_IDS) and IMAGE_IDS[1] in store
+    assert isinstance(open_feature_file(folder), PerImageCLIPFeatures)  # was "does not exist"
     assert_same_batch(builder_batch(tokenizer, store, "vqa: "), original, 49)
     # multiple_adapters.sh: no prompt
     original = vl_adapter_vqa_clip_batch(Path(folder), list(zip(IMAGE_IDS, QUESTIONS)), tokenizer, prompt="")

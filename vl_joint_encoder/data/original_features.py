@@ -420,10 +420,13 @@ def tsv_to_h5(tsv_path: str | os.PathLike, h5_path: str | os.PathLike) -> int:
 
 
 def open_feature_file(path: str | os.PathLike, feat_dim: int | None = None, **options) -> Any:
-    """Open an HDF5 feature file, telling the layout from its first group (boxes + img_h/img_w: Faster R-CNN), or an
-    LXMERT `.tsv`. `options`: `n_boxes`, `box_tolerance`, `clamp_boxes` (Faster R-CNN layouts)."""
+    """Open an HDF5 feature file, telling the layout from its first group (boxes + img_h/img_w: Faster R-CNN), an
+    LXMERT `.tsv`, or VL-Adapter's folder of per-image files. `options`: `n_boxes`, `box_tolerance`, `clamp_boxes`
+    (Faster R-CNN layouts)."""
     if os.fspath(path).lower().endswith(TSV_SUFFIXES):
         return LXMERTTSVFeatures(path, feat_dim=feat_dim, **options)
+    if os.path.isdir(path):  # VL-Adapter's folder of one file per image
+        return PerImageCLIPFeatures(path, feat_dim=feat_dim)
     h5py = _import_h5py()
     if not os.path.isfile(path):
         raise ValueError(f"feature file {os.fspath(path)!r} does not exist")
