@@ -81,3 +81,34 @@ def test_convert_train_encode_search_a_vl_adapter_bart_model(tmp_path):
         scores = kb_ref @ by_hand(q["question"], q["image"])
         best = [kb[i]["id"] for i in np.argsort(-scores)[:5]]
         assert list(run[q["id"]])[:3] == best[:3], q["id"]
+
+
+def test_bart_tokenizer_trainer_and_the_demo_model_with_a_vision_tower(tmp_path):
+    """`train_vl_bart_tokenizer` gives the layout the fixtures build by hand (same vocabulary and ids), and the demo's
+    tiny model with backbone="bart" runs images through its frozen CLIP tower and BART layers, and reloads."""
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+    from vl_bart_fixtures import CORPUS
+
+    from vl_joint_encoder.demo.tiny_model import TinyModelSize, build_tiny_model
+    from vl_joint_encoder.tokenization_joint_encoder import check_vl_bart_layout, train_vl_bart_tokenizer
+
+    trained, by_hand = train_vl_bart_tokenizer(CORPUS * 4, vocab_size=300), build_tiny_bart_tokenizer()
+    assert trained.get_vocab() == by_hand.get_vocab()
+    assert trained.encode("nlvr: two <pad> dogs") == by_hand.encode("nlvr: two <pad> dogs")
+    check_vl_bart_layout(trained, 500)
+    model, processor = build_tiny_model(CORPUS * 4, TinyModelSize(backbone="bart", vocab_size=300))
+    assert model.config.backbone == "bart" and len(processor.tokenizer) == model.config.vocab_size == 500
+    photo = Image.fromarray((np.random.default_rng(0).uniform(size=(40, 48, 3)) * 255).astype(np.uint8))
+    batch = processor(text=["what color is the sofa", "a cat"], images=[photo, None], return_tensors="pt")
+    with torch.no_grad():
+        out = model.eval()(**batch)
+        features = model.get_image_features(batch["pixel_values"][:1])
+        again = model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1], **features)
+    torch.testing.assert_close(again.pooler_output[0], out.pooler_output[0], atol=1e-5, rtol=0)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded, reprocessor = AutoModel.from_pretrained(tmp_path).eval(), AutoProcessor.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**reprocessor(text=["a cat"], return_tensors="pt")).pooler_output,
+                           model(**processor(text=["a cat"], return_tensors="pt")).pooler_output)

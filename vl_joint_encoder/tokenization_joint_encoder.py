@@ -199,12 +199,43 @@ def train_vl_t5_tokenizer(
     return tokenizer
 
 
+def train_vl_bart_tokenizer(
+    texts: Iterable[str], vocab_size: int = 2000, n_extra: int = 100, n_vis: int = 100, show_progress: bool = False
+):
+    """
+    Train a small BART-style byte-level BPE tokenizer on `texts` (no download needed) and give it the VL-BART layout:
+    `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3, learned pieces, `<mask>` last of the base vocabulary (as bart-base's
+    50264), then `<extra_id_{n_extra-1}..0>` and `<vis_extra_id_{n_vis-1}..0>`. `vocab_size` counts the base
+    vocabulary (the BPE trainer may learn fewer pieces on a small corpus); texts are encoded `<s> ... </s>`. The
+    backbone="bart" counterpart of `train_vl_t5_tokenizer`, for demos and tests.
+    """
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import BartTokenizer
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 1,  # <mask> comes last, after training
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    model = json.loads(backend.to_str())["model"]
+    vocab = dict(model["vocab"])
+    vocab["<mask>"] = len(vocab)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    base = BartTokenizer(vocab=vocab, merges=merges, mask_token=AddedToken("<mask>", lstrip=True, rstrip=False))
+    return build_vl_bart_tokenizer(base, n_extra=n_extra, n_vis=n_vis)
+
+
 __all__ = [
     "build_vl_bart_tokenizer",
     "build_vl_t5_tokenizer",
     "check_tokenizer_layout",
     "check_vl_bart_layout",
     "check_vl_t5_layout",
+    "train_vl_bart_tokenizer",
     "train_vl_t5_tokenizer",
     "vis_extra_id_tokens",
 ]
