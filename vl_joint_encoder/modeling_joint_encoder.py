@@ -174,16 +174,18 @@ def eager_attention_forward(
     scaling: float = 1.0,
     dropout: float = 0.0,
     position_bias: torch.Tensor | None = None,  # (B or 1, H, T, T), additive
+    softmax_dtype: torch.dtype = torch.float32,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention with the weights materialised (returned with `output_attentions`): softmax in fp32, as T5.
+    """Attention with the weights materialised (returned with `output_attentions`): softmax in `softmax_dtype` (fp32,
+    as T5; BART passes its own dtype, at least fp32, so that a float64 model stays exact).
     Returns (context (B, T, H, d_kv), weights (B, H, T, T)), the layout of transformers' attention interfaces."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, T, T)
     if position_bias is not None:
         scores = scores + position_bias
     if attention_mask is not None:
         scores = scores + attention_mask
-    weights = F.softmax(scores.float(), dim=-1).to(query.dtype)
+    weights = F.softmax(scores.to(softmax_dtype), dim=-1).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     context = torch.matmul(weights, value)  # (B, H, T, d_kv)
     return context.transpose(1, 2).contiguous(), weights
@@ -389,6 +391,7 @@ class JointEncoderBartAttention(nn.Module):
             attention_mask,
             dropout=self.dropout if self.training else 0.0,
             scaling=self.scaling,
+            softmax_dtype=torch.promote_types(query.dtype, torch.float32),  # BART: the tensors' dtype, fp32 at least
         )  # (B, T, H, head_dim)
         return self.out_proj(context.reshape(batch_size, length, -1)), weights
 
