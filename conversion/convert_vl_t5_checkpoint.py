@@ -740,6 +740,8 @@ def convert(
             share_vis_lang_layer_norm, task, text_prefix, head_kwargs, seed,
         )
     elif source == "t5":
+        if task is not None or adapter_task is not None:
+            raise ConversionError("--source t5 starts from a text-only T5: it has no task (use --text-prefix)")
         state = strip_prefixes(raw, source)
         mapping = map_keys(state)
         if "shared.weight" not in mapping.kept:
