@@ -7,6 +7,7 @@ VL-Adapter's freezing (adapters + visual embedding + LayerNorms), then `encode` 
 import json
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from synthetic_retrieval import make_task
@@ -20,6 +21,7 @@ from vl_joint_encoder.commands import train as train_command
 from vl_joint_encoder.retrieval.store import EmbeddingStore
 
 
+@pytest.mark.slow  # convert + train + encode + search: ~20 s on 2 busy cores
 def test_convert_train_encode_search_a_vl_adapter_bart_model(tmp_path):
     build_tiny_bart_tokenizer(with_extra_tokens=False).save_pretrained(tmp_path / "bart-base")
     state = vl_adapter_bart_state_dict(seed=0, use_single_adapter=True)  # single_adapter.sh: task prompts
