@@ -1,13 +1,17 @@
-"""Convert a VL-T5 / VL-Adapter checkpoint, or a transformers T5 checkpoint, into a `JointEncoderModel` directory.
+"""Convert a VL-T5 / VL-Adapter / VL-BART / VL-Adapter-BART checkpoint, or a transformers T5 / BART checkpoint, into
+a `JointEncoderModel` directory.
 
     python conversion/convert_vl_t5_checkpoint.py --checkpoint snap/pretrain/VLT5/Epoch30.pth \
         --output-dir vlt5-encoder --tokenizer t5-base [--push-to-hub user/vlt5-encoder]
+    python conversion/convert_vl_t5_checkpoint.py --checkpoint snap/pretrain/VLBart/Epoch30.pth \
+        --output-dir vlbart-encoder --source vl-bart --tokenizer facebook/bart-base
 
 Steps (as transformers' `convert_*_original_*` scripts): load the file safely (`torch.load(weights_only=True)` or
-safetensors), map keys with strict accounting (`conversion/key_map.py`), infer the config from tensor shapes, build
-the output in a temporary directory next to the target, reload it from disk and compare it with an independent
-functional encoder on the source state dict (`conversion/functional_encoder.py`), write the model card, rename the
-directory into place, optionally push it to the Hub in one commit. Spec: `shared/docs/vl_t5_encoder_spec.md`.
+safetensors), map keys with strict accounting (`conversion/key_map.py`), infer the config from tensor shapes
+(`conversion/bart.py` for BART), build the output in a temporary directory next to the target, reload it from disk
+and compare it with an independent functional encoder on the source state dict (`conversion/functional_encoder.py`),
+write the model card, rename the directory into place, optionally push it to the Hub in one commit. Specs:
+`shared/docs/vl_t5_encoder_spec.md`, `docs/vl_bart_encoder_spec.md`.
 """
 
 from __future__ import annotations
@@ -33,21 +37,37 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
 import vl_joint_encoder  # noqa: E402  (registers the auto classes: save_pretrained then exports the code)
-from conversion.functional_encoder import EncoderHyperParameters, encoder_forward  # noqa: E402
+from conversion.bart import check_bart_config, infer_bart_config, load_bart  # noqa: E402
+from conversion.functional_encoder import (  # noqa: E402
+    BartEncoderHyperParameters,
+    EncoderHyperParameters,
+    bart_encoder_forward,
+    encoder_forward,
+)
 from conversion.key_map import (  # noqa: E402
+    ADAPTER_KEY,
+    BART_SOURCES,
     SOURCES,
+    VISUAL_NORM_LAYOUTS,
     ConversionError,
     KeyMapping,
+    adapters_are_shared,
     check_mapping,
-    check_not_vl_bart,
+    check_source_matches,
     choose_adapter_task,
+    choose_bart_adapter_task,
+    choose_visual_norm_layout,
     detect_source,
+    map_bart_keys,
     map_keys,
     strip_prefixes,
+    to_original_bart_layout,
     to_original_layout,
     unsupported_variants,
+    unused_visual_norm_prefixes,
 )
-from vl_joint_encoder import JointEncoderConfig, JointEncoderModel  # noqa: E402
+from conversion.text_prefixes import resolve_text_prefix  # noqa: E402
+from vl_joint_encoder import JointEncoderConfig, JointEncoderModel, JointEncoderProcessor  # noqa: E402
 from vl_joint_encoder.configuration_joint_encoder import POOLING_MODES, SIMILARITIES  # noqa: E402
 
 
@@ -182,9 +202,11 @@ def load_t5(checkpoint: str | Path):
 
 # ----------------------------------------------------------------------------------------------------- config
 def infer_config(
-    state: dict[str, torch.Tensor], adapter_task: str | None, downsample: bool, **head_kwargs
+    state: dict[str, torch.Tensor], adapter_task: str | None, downsample: bool, visual_norm_layout: str | None = None,
+    **head_kwargs,
 ) -> JointEncoderConfig:
-    """Every size from tensor shapes (spec: 'Every size can be read off the state dict shapes')."""
+    """Every size from tensor shapes (spec: 'Every size can be read off the state dict shapes'); the visual norm
+    layout from the keys (`visual_norm_layout` must be given when the file holds both)."""
     for key in (
         "shared.weight",
         "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
@@ -205,8 +227,7 @@ def infer_config(
     d_ff = state[f"encoder.block.0.layer.1.DenseReluDense.{'wi_0' if gated else 'wi'}.weight"].shape[0]
     vis = "encoder.visual_embedding."
     feat_dim = state[vis + "feat_embedding.0.weight"].shape[1]
-    individual = vis + "feat_embedding.1.weight" in state
-    shared_norm = vis + "layer_norm.weight" in state
+    layout = choose_visual_norm_layout(state, visual_norm_layout, "encoder.")
     order = vis + "img_order_embedding.weight" in state
     kwargs = dict(
         vocab_size=vocab_size,
@@ -220,8 +241,8 @@ def infer_config(
         feat_dim=feat_dim,
         n_images=state[vis + "img_order_embedding.weight"].shape[0] if order else 2,
         use_vis_order_embedding=order,
-        use_vis_layer_norm=individual or shared_norm,
-        individual_vis_layer_norm=not shared_norm,
+        use_vis_layer_norm=layout != "none",
+        individual_vis_layer_norm=layout != "after-sum",
     )
     if adapter_task is not None:
         rows = state[f"encoder.block.0.layer.0.attn_adapter.adapters.{adapter_task}.down_sampler.weight"].shape[0]
@@ -252,9 +273,15 @@ def extend_vocabulary(embedding: torch.Tensor, num_text_tokens: int, vocab_size:
 def _random_inputs(config: JointEncoderConfig, max_text_id: int, seed: int = 0):
     """Typical-magnitude inputs: token ids with </s> and padding, features ~ N(0, 1), valid boxes."""
     generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(2, max_text_id, (2, 11), generator=generator)
-    input_ids[:, -1] = 1
-    input_ids[1, -3:] = 0
+    if config.backbone == "bart":  # <s> ... </s> then padding (BART ids: bos 0, pad 1, eos 2)
+        input_ids = torch.randint(3, max_text_id, (2, 11), generator=generator)
+        input_ids[:, 0] = 0
+        input_ids[:, -1] = 2
+        input_ids[1, -4:] = torch.tensor([2, 1, 1, 1])
+    else:
+        input_ids = torch.randint(2, max_text_id, (2, 11), generator=generator)
+        input_ids[:, -1] = 1
+        input_ids[1, -3:] = 0
     num_visual = (config.visual_downsample_size + 1) ** 2 if config.visual_downsample_size else 7
     feats = torch.randn(2, num_visual, config.feat_dim, generator=generator)
     xy1 = torch.rand(2, num_visual, 2, generator=generator) * 0.5
@@ -266,15 +293,16 @@ def _random_inputs(config: JointEncoderConfig, max_text_id: int, seed: int = 0):
 def self_check(
     model_dir: str | Path,
     original_state: dict[str, torch.Tensor],
-    hp: EncoderHyperParameters,
+    hp: EncoderHyperParameters | BartEncoderHyperParameters,
     tolerance: float = DEFAULT_TOLERANCE,
     text_only_state: dict[str, torch.Tensor] | None = None,
     max_text_id: int | None = None,
     float32_tolerance: float = FLOAT32_TOLERANCE,
 ) -> list[SelfCheck]:
     """
-    Reload `model_dir` from disk and compare its `last_hidden_state` with `encoder_forward(original_state)` on random
-    text + visual inputs (and text only on `text_only_state`, the untouched T5 weights, when given).
+    Reload `model_dir` from disk and compare its `last_hidden_state` with the functional encoder of the backbone
+    (`encoder_forward` for T5 hyper-parameters, `bart_encoder_forward` for BART ones) on `original_state`, with random
+    text + visual inputs (and text only on `text_only_state`, the untouched T5 / BART weights, when given).
 
     The exactness check runs in float64 (model and reference cast), against `tolerance`: it isolates conversion
     errors from rounding. fp32 rounding alone reaches ~6e-5 at t5-small scale (measured: our fp32 output and a fp32
@@ -286,25 +314,27 @@ def self_check(
         raise ConversionError("config.json has no auto_map.AutoModel: the directory would not load with remote code")
     model = JointEncoderModel.from_pretrained(model_dir, attn_implementation="eager").eval()
     input_ids, feats, boxes = _random_inputs(model.config, max_text_id or model.config.vocab_size)
+    bart = isinstance(hp, BartEncoderHyperParameters)
+    encoder_forward_ = bart_encoder_forward if bart else encoder_forward
 
     def double(state):
         return {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
 
-    reference = encoder_forward(double(original_state), hp, input_ids, None, feats.double(), boxes.double())
+    reference = encoder_forward_(double(original_state), hp, input_ids, None, feats.double(), boxes.double())
     model.double()
     ours = model(input_ids=input_ids, visual_feats=feats.double(), visual_pos=boxes.double()).last_hidden_state
     checks = [SelfCheck("float64, text + visual tokens", float((ours - reference).abs().max()), tolerance)]
     if text_only_state is not None:
-        text_reference = encoder_forward(double(text_only_state), hp, input_ids=input_ids)
+        text_reference = encoder_forward_(double(text_only_state), hp, input_ids=input_ids)
         ours = model(input_ids=input_ids).last_hidden_state  # (B, L, d)
         checks.append(
             SelfCheck(
-                "float64, text only, against the original T5 weights",
+                f"float64, text only, against the original {'BART' if bart else 'T5'} weights",
                 float((ours - text_reference).abs().max()),
                 tolerance,
             )  # fmt: skip
         )
-    reference32 = encoder_forward(original_state, hp, input_ids=input_ids, visual_feats=feats, visual_pos=boxes)
+    reference32 = encoder_forward_(original_state, hp, input_ids=input_ids, visual_feats=feats, visual_pos=boxes)
     float32_diff = 0.0
     for implementation in ("sdpa", "eager"):  # both attention paths a user may load
         model = JointEncoderModel.from_pretrained(model_dir, attn_implementation=implementation).float().eval()
@@ -367,31 +397,39 @@ def write_model_card(result: ConversionResult, checkpoint: Path, repo_id: str | 
 
     from vl_joint_encoder.utils.model_cards import CITATIONS, render_model_card
 
+    bart = result.config.backbone == "bart"
     source_description = {
         "vl-t5": "VL-T5 (Cho et al., 2021)",
         "vl-adapter": "VL-Adapter (Sung et al., 2022) on VL-T5",
         "t5": "T5 (Raffel et al., 2020), extended with a freshly initialised VL-T5 visual embedding",
+        "vl-bart": "VL-BART (Cho et al., 2021)",
+        "vl-adapter-bart": "VL-Adapter (Sung et al., 2022) on VL-BART",
+        "bart": "BART (Lewis et al., 2020), extended with a freshly initialised VL-BART visual embedding",
     }[result.source]
-    citations = [CITATIONS["t5"]] if result.source == "t5" else [CITATIONS["vl_t5"]]
-    if result.source == "vl-adapter":
+    backbone_citation = CITATIONS["bart"] if bart else CITATIONS["t5"]
+    citations = [backbone_citation] if result.source in ("t5", "bart") else [CITATIONS["vl_t5"]]
+    if result.source in ("vl-adapter", "vl-adapter-bart"):
         citations.append(CITATIONS["vl_adapter"])
-    if result.source != "t5":
-        citations.append(CITATIONS["t5"])
+    if result.source not in ("t5", "bart"):
+        citations.append(backbone_citation)
     config = result.config
     feature_note = (
         "CLIP grid features, all-zero boxes"
-        if result.source == "vl-adapter"
+        if result.source in ("vl-adapter", "vl-adapter-bart")
         else "Faster R-CNN region features as in VL-T5 / LXMERT"
-        if result.source == "vl-t5"
+        if result.source in ("vl-t5", "vl-bart")
         else f"any extractor giving {config.feat_dim}-d features, once fine-tuned"
     )
     name = repo_id or result.output_dir.name
     card_data = dict(
         library_name="transformers",
-        tags=["vl-t5", "vision-language", "feature-extraction", "retrieval"],
+        tags=["vl-bart" if bart else "vl-t5", "vision-language", "feature-extraction", "retrieval"],
         pipeline_tag="feature-extraction",
-        license="apache-2.0" if result.source == "t5" else "other",
+        license="apache-2.0" if result.source in ("t5", "bart") else "other",
     )
+    norm_description = (
+        "per projection" if config.individual_vis_layer_norm else "after the sum"
+    ) if config.use_vis_layer_norm else "none"
     card = render_model_card(
         MODEL_CARD_TEMPLATE,
         card_data=card_data,
@@ -418,6 +456,14 @@ def write_model_card(result: ConversionResult, checkpoint: Path, repo_id: str | 
         has_tokenizer=result.has_tokenizer,
         example_visual_tokens=49 if config.visual_downsample_size else 36,
         feature_note=feature_note,
+        encoder_description="BART encoder layers" if bart else "T5 encoder blocks",
+        visual_norm_description=norm_description,
+        example_ids="[0, 13, 27, 5, 2]" if bart else "[13, 27, 5, 1]",
+        example_ids_note="VL-BART token ids, <s> = 0, </s> = 2" if bart else "VL-T5 token ids, </s> = 1",
+        tokenizer_note="a bart-base tokenizer extended to the VL-BART layout (200 tokens appended)" if bart
+        else "a T5 tokenizer extended to the VL-T5 layout",
+        tokenizer_builder="build_vl_bart_tokenizer" if bart else "build_vl_t5_tokenizer",
+        pretraining_data="COCO, Visual Genome, BART's text corpora" if bart else "COCO, Visual Genome, C4 for T5",
         limitations=[],
         citations=citations,
     )
@@ -441,22 +487,169 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, commit_
 
 
 # ------------------------------------------------------------------------------------------------------ convert
-def _load_tokenizer(name_or_path: str, vocab_size: int | None):
+def _load_tokenizer(name_or_path: str, vocab_size: int | None, backbone: str = "t5"):
     from transformers import AutoTokenizer
 
-    from vl_joint_encoder.tokenization_joint_encoder import build_vl_t5_tokenizer
+    from vl_joint_encoder.tokenization_joint_encoder import build_vl_bart_tokenizer, build_vl_t5_tokenizer
 
     try:
         base = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as error:
         raise ConversionError(f"cannot load the tokenizer {name_or_path!r}: {error}") from error
-    tokenizer = build_vl_t5_tokenizer(base)
+    try:
+        tokenizer = (build_vl_bart_tokenizer if backbone == "bart" else build_vl_t5_tokenizer)(base)
+    except ValueError as error:
+        raise ConversionError(f"the tokenizer {name_or_path!r} does not fit: {error}") from error
     if vocab_size is not None and len(tokenizer) != vocab_size:
         raise ConversionError(
-            f"the VL-T5 tokenizer built from {name_or_path!r} has {len(tokenizer)} tokens but the checkpoint's "
-            f"embedding has {vocab_size} rows: it is not the tokenizer this model was trained with"
+            f"the {'VL-BART' if backbone == 'bart' else 'VL-T5'} tokenizer built from {name_or_path!r} has "
+            f"{len(tokenizer)} tokens but the checkpoint's embedding has {vocab_size} rows: it is not the tokenizer "
+            f"this model was trained with"
         )
     return tokenizer
+
+
+def _detect_directory_source(checkpoint: Path) -> str:
+    """'t5' or 'bart' for a transformers checkpoint folder, from its config.json."""
+    config_path = checkpoint / "config.json"
+    try:
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"{checkpoint} is a directory without a readable config.json ({error}): give the .pth "
+                              f"file, or a transformers T5 / BART directory") from error
+    if model_type in ("t5", "mt5", "umt5"):
+        return "t5"
+    if model_type == "bart":
+        return "bart"
+    raise ConversionError(f"{checkpoint} holds a {model_type!r} model: --source t5 / bart take T5 or BART folders")
+
+
+@dataclass
+class _Converted:
+    """What a source branch of `convert` hands to the shared save / self-check / card steps."""
+
+    model: JointEncoderModel
+    mapping: KeyMapping
+    hp: EncoderHyperParameters | BartEncoderHyperParameters
+    original: dict[str, torch.Tensor]  # the state the functional reference runs on (original layout)
+    fresh: set[str]
+    max_text_id: int
+    text_only_state: dict[str, torch.Tensor] | None = None
+    tokenizer: object | None = None
+
+
+def _head_kwargs(pooling: str, projection_dim: int | None, similarity: str) -> dict:
+    return dict(
+        pooling=pooling,
+        projection_dim=projection_dim,
+        similarity=similarity,
+        logit_scale=20.0 if similarity == "cosine" else 1.0,
+    )
+
+
+def _convert_bart_family(
+    source: str, state: dict, adapter_task, tokenizer, downsample, visual_norm_layout, num_heads,
+    scale_embedding, share_vis_lang_layer_norm, task, text_prefix, head_kwargs, seed,
+) -> _Converted:
+    """VL-BART / VL-Adapter-BART state dict (prefix-stripped) -> our model, with strict accounting."""
+    task_kept = choose_bart_adapter_task(state, adapter_task)
+    if source == "vl-adapter-bart" or task_kept is not None:
+        single = adapters_are_shared(state)
+    else:
+        single = False
+    prefix = resolve_text_prefix(source, task, task_kept, single, text_prefix)
+    config, layout = infer_bart_config(
+        state, task_kept, downsample, visual_norm_layout, num_heads, scale_embedding, share_vis_lang_layer_norm,
+        text_prefix=prefix, **head_kwargs,
+    )
+    mapping = map_bart_keys(state, adapter_task=task_kept, visual_norm_layout=layout)
+    hp = BartEncoderHyperParameters(
+        num_heads=config.num_heads,
+        visual_norm_layout=layout,
+        share_vis_lang_layer_norm=config.share_vis_lang_layer_norm,
+        scale_embedding=config.scale_embedding,
+        layer_norm_epsilon=config.layer_norm_epsilon,
+        activation=config.dense_act_fn,
+        adapter_task=task_kept,
+        downsample=config.visual_downsample_size,
+        pad_token_id=config.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = JointEncoderModel(config).eval()
+    fresh = {k for k in model.state_dict() if k.startswith("projection.")}
+    check_mapping(mapping, state, {k: v for k, v in model.state_dict().items() if k not in fresh})
+    model.load_state_dict({ours: state[theirs] for ours, theirs in mapping.kept.items()}, strict=False)
+    tok = _load_tokenizer(tokenizer, config.vocab_size, "bart") if tokenizer is not None else None
+    return _Converted(model, mapping, hp, state, fresh, config.vocab_size, tokenizer=tok)
+
+
+def _convert_bart_folder(
+    checkpoint: Path, tokenizer, feat_dim, visual_norm_layout, share_vis_lang_layer_norm, text_prefix, head_kwargs,
+    seed,
+) -> _Converted:
+    """A transformers BART folder -> our model: text weights copied, vocabulary extended by the 200 VL-BART tokens,
+    visual embedding new (one LayerNorm after the sum, as VL-BART's released scripts, unless told otherwise)."""
+    state, bart_config, _ = load_bart(checkpoint, load_state_dict)
+    check_bart_config(bart_config)
+    mapping = map_bart_keys(state)
+    if "shared.weight" not in mapping.kept:
+        raise ConversionError("the BART checkpoint has no model.shared.weight / model.encoder.embed_tokens.weight")
+    embedding = state[mapping.kept["shared.weight"]]
+    tok = None
+    if tokenizer is not None:
+        tok = _load_tokenizer(tokenizer, None, "bart")
+        num_text = len(tok) - 2 * N_VIS_IDS
+    else:
+        num_text = embedding.shape[0]
+        logger.warning(f"no --tokenizer: assuming all {num_text} embedding rows are tokens")
+    if num_text > embedding.shape[0]:
+        raise ConversionError(
+            f"the tokenizer has {num_text} text tokens but the BART embedding only {embedding.shape[0]} rows: not this "
+            f"model's tokenizer"
+        )
+    layout = visual_norm_layout or "after-sum"
+    if layout not in VISUAL_NORM_LAYOUTS:
+        raise ConversionError(f"--visual-norm-layout must be one of {VISUAL_NORM_LAYOUTS}, got {layout!r}")
+    activation = bart_config.activation_function
+    if activation not in ("gelu", "relu", "gelu_new", "silu"):
+        raise ConversionError(f"BART activation_function {activation!r} is not supported")
+    config = JointEncoderConfig(
+        backbone="bart",
+        vocab_size=num_text + 2 * N_VIS_IDS,  # + <extra_id_99..0> + <vis_extra_id_99..0>
+        d_model=bart_config.d_model,
+        d_ff=bart_config.encoder_ffn_dim,
+        num_layers=bart_config.encoder_layers,
+        num_heads=bart_config.encoder_attention_heads,
+        max_position_embeddings=bart_config.max_position_embeddings,
+        scale_embedding=bool(bart_config.scale_embedding),
+        share_vis_lang_layer_norm=share_vis_lang_layer_norm,
+        feed_forward_proj=activation,
+        dropout_rate=bart_config.dropout,
+        attention_dropout=bart_config.attention_dropout,
+        activation_dropout=bart_config.activation_dropout,
+        feat_dim=feat_dim,
+        use_vis_layer_norm=layout != "none",
+        individual_vis_layer_norm=layout != "after-sum",
+        text_prefix=text_prefix,
+        **head_kwargs,
+    )
+    hp = BartEncoderHyperParameters(
+        num_heads=config.num_heads, visual_norm_layout=layout, share_vis_lang_layer_norm=share_vis_lang_layer_norm,
+        scale_embedding=config.scale_embedding, activation=activation, pad_token_id=config.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = JointEncoderModel(config).eval()
+    fresh = {k for k in model.state_dict() if k.startswith(("visual_embedding.", "projection."))}
+    expected = {k: v for k, v in model.state_dict().items() if k not in fresh}
+    expected["shared.weight"] = embedding  # its shape changes below
+    check_mapping(mapping, state, expected)
+    new_state = {ours: state[theirs] for ours, theirs in mapping.kept.items()}
+    new_state["shared.weight"] = extend_vocabulary(embedding, num_text, config.vocab_size, seed=seed)
+    model.load_state_dict(new_state, strict=False)
+    text_state = {"model.shared.weight": embedding,
+                  **{k: v for k, v in state.items() if k.startswith("model.encoder.") and ".visual_embedding." not in k}}
+    return _Converted(model, mapping, hp, to_original_bart_layout(model.state_dict()), fresh, num_text,
+                      text_only_state=text_state, tokenizer=tok)
 
 
 @torch.no_grad()
@@ -478,54 +671,83 @@ def convert(
     tolerance: float = DEFAULT_TOLERANCE,
     seed: int = 0,
     relative_attention_max_distance: int = 128,
+    visual_norm_layout: str | None = None,
+    num_heads: int | None = None,
+    scale_embedding: bool = False,
+    share_vis_lang_layer_norm: bool = False,
+    task: str | None = None,
+    text_prefix: str | None = None,
 ) -> ConversionResult:
     """
     Convert, self-check, save (atomically) and optionally push. Raises ConversionError on any bad input.
     `relative_attention_max_distance` is the one setting a VL-T5 state dict does not reveal (128 in every T5 size);
-    for `source="t5"` it is read from the T5 config instead.
+    for `source="t5"` it is read from the T5 config instead. For VL-BART the weights do not reveal `num_heads`
+    (default: bart-base's 12 / bart-large's 16 by d_model), `scale_embedding` and `share_vis_lang_layer_norm` (both
+    False in every released script). `visual_norm_layout` must be given for a file holding both norm layouts.
+    `text_prefix` (None: from `task` / `adapter_task`, see `conversion.text_prefixes`) goes to the config.
     """
     if source is not None and source not in SOURCES:
         raise ConversionError(f"--source must be one of {SOURCES}, got {source!r}")
     if pooling not in POOLING_MODES or similarity not in SIMILARITIES:
         raise ConversionError(f"--pooling must be in {POOLING_MODES} and --similarity in {SIMILARITIES}")
+    if visual_norm_layout is not None and visual_norm_layout not in VISUAL_NORM_LAYOUTS:
+        raise ConversionError(f"--visual-norm-layout must be one of {VISUAL_NORM_LAYOUTS}, got {visual_norm_layout!r}")
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
-    head_kwargs = dict(
-        pooling=pooling,
-        projection_dim=projection_dim,
-        similarity=similarity,
-        logit_scale=20.0 if similarity == "cosine" else 1.0,
-    )
+    head_kwargs = _head_kwargs(pooling, projection_dim, similarity)
 
-    t5_text_state = None
     detected = source is None
-    if source == "t5" or (source is None and checkpoint.is_dir()):
-        source = "t5"
+    if source is None and checkpoint.is_dir():
+        source = _detect_directory_source(checkpoint)
+    raw = None
+    if source == "t5":
         raw, t5_config, _ = load_t5(checkpoint)
-    else:
+    elif source != "bart":
         raw = load_state_dict(checkpoint)
-        check_not_vl_bart(raw)
+        if source is not None:
+            check_source_matches(raw, source)
         source = source or detect_source(raw)
     if detected:
         logger.info(f"detected source: {source}")
-    if downsample and source != "vl-adapter":
+    bart_family = source in BART_SOURCES
+    if source not in ("vl-bart", "vl-adapter-bart", "bart") and (
+        num_heads is not None or scale_embedding or share_vis_lang_layer_norm
+    ):
+        raise ConversionError("--num-heads / --scale-embedding / --share-vis-lang-layer-norm apply to VL-BART sources")
+    if downsample and source not in ("vl-adapter", "vl-adapter-bart"):
         raise ConversionError("--downsample only applies to VL-Adapter checkpoints (CLIP grid features)")
-    downsample = source == "vl-adapter" if downsample is None else downsample
-    unsupported = unsupported_variants(raw)
-    if unsupported:
-        listing = "; ".join(f"{name}: {len(keys)} keys, e.g. {keys[0]!r}" for name, keys in unsupported.items())
-        raise ConversionError(
-            f"unsupported checkpoint variant, refused: {listing}. Only bottleneck adapters "
-            f"(use_adapter, optionally use_single_adapter) can be converted"
-        )
-    state = strip_prefixes(raw, source)
+    downsample = source in ("vl-adapter", "vl-adapter-bart") if downsample is None else downsample
+    if raw is not None:
+        unsupported = unsupported_variants(raw)
+        if unsupported:
+            listing = "; ".join(f"{name}: {len(keys)} keys, e.g. {keys[0]!r}" for name, keys in unsupported.items())
+            raise ConversionError(
+                f"unsupported checkpoint variant, refused: {listing}. Only bottleneck adapters "
+                f"(use_adapter, optionally use_single_adapter) can be converted"
+            )
     sha = sha256_of(checkpoint)
 
-    tok = None
-    if source == "t5":
+    if source == "bart":
+        if adapter_task is not None or task is not None or scale_embedding or num_heads is not None:
+            raise ConversionError("--source bart reads heads and scale_embedding from the BART config and has no task")
+        converted = _convert_bart_folder(
+            checkpoint, tokenizer, feat_dim, visual_norm_layout, share_vis_lang_layer_norm, text_prefix, head_kwargs,
+            seed,
+        )
+    elif bart_family:
+        state = strip_prefixes(raw, source)
+        converted = _convert_bart_family(
+            source, state, adapter_task, tokenizer, downsample, visual_norm_layout, num_heads, scale_embedding,
+            share_vis_lang_layer_norm, task, text_prefix, head_kwargs, seed,
+        )
+    elif source == "t5":
+        if task is not None or adapter_task is not None:
+            raise ConversionError("--source t5 starts from a text-only T5: it has no task (use --text-prefix)")
+        state = strip_prefixes(raw, source)
         mapping = map_keys(state)
         if "shared.weight" not in mapping.kept:
             raise ConversionError("the T5 checkpoint has no shared.weight / encoder.embed_tokens.weight")
         embedding = state[mapping.kept["shared.weight"]]
+        tok = None
         if tokenizer is not None:
             tok = _load_tokenizer(tokenizer, None)
             num_text = len(tok) - N_VIS_IDS
@@ -553,6 +775,7 @@ def convert(
             feed_forward_proj=t5_config.feed_forward_proj,
             feat_dim=feat_dim,
             dropout_rate=t5_config.dropout_rate,
+            text_prefix=text_prefix,
             **head_kwargs,
         )
         hp = EncoderHyperParameters(
@@ -574,12 +797,18 @@ def convert(
         model.load_state_dict(new_state, strict=False)
         t5_text_state = {"shared.weight": embedding, **{k: v for k, v in state.items() if k.startswith("encoder.")}}
         original = to_original_layout(model.state_dict())  # the source's text weights + the fresh visual ones
-        max_text_id = num_text
+        converted = _Converted(model, mapping, hp, original, fresh, num_text, text_only_state=t5_text_state,
+                               tokenizer=tok)
     else:
-        task = choose_adapter_task(state, adapter_task)
-        mapping = map_keys(state, adapter_task=task)
+        state = strip_prefixes(raw, source)
+        task_kept = choose_adapter_task(state, adapter_task)
+        layout = choose_visual_norm_layout(state, visual_norm_layout, "encoder.")
+        mapping = map_keys(state, adapter_task=task_kept, visual_norm_layout=layout)
+        single = task_kept is not None and adapters_are_shared(state, ADAPTER_KEY)
+        prefix = resolve_text_prefix(source, task, task_kept, single, text_prefix)
         config = infer_config(
-            state, task, downsample, relative_attention_max_distance=relative_attention_max_distance, **head_kwargs
+            state, task_kept, downsample, layout, relative_attention_max_distance=relative_attention_max_distance,
+            text_prefix=prefix, **head_kwargs,
         )
         hp = EncoderHyperParameters(
             num_heads=config.num_heads,
@@ -588,7 +817,7 @@ def convert(
             layer_norm_epsilon=config.layer_norm_epsilon,
             feed_forward_act=config.dense_act_fn,
             gated=config.is_gated_act,
-            adapter_task=task,
+            adapter_task=task_kept,
             downsample=config.visual_downsample_size,
         )
         torch.manual_seed(seed)
@@ -596,20 +825,33 @@ def convert(
         fresh = {k for k in model.state_dict() if k.startswith("projection.")}
         check_mapping(mapping, state, {k: v for k, v in model.state_dict().items() if k not in fresh})
         model.load_state_dict({ours: state[theirs] for ours, theirs in mapping.kept.items()}, strict=False)
-        original = state
-        max_text_id = config.vocab_size
-        if tokenizer is not None:
-            tok = _load_tokenizer(tokenizer, config.vocab_size)
+        # the functional reference reads the layout off the keys: drop the norm the chosen layout does not use
+        unused = unused_visual_norm_prefixes(layout, "encoder.")
+        original = {k: v for k, v in state.items() if not k.startswith(unused)} if unused else state
+        tok = _load_tokenizer(tokenizer, config.vocab_size) if tokenizer is not None else None
+        converted = _Converted(model, mapping, hp, original, fresh, config.vocab_size, tokenizer=tok)
+    model, mapping = converted.model, converted.mapping
     logger.info(f"{source}: {mapping.summary()}")
-    if tok is None:
-        logger.warning("no --tokenizer given: the output will have no tokenizer (users must build the VL-T5 one)")
+    if converted.tokenizer is None:
+        logger.warning(
+            f"no --tokenizer given: the output will have no tokenizer (users must build the "
+            f"{'VL-BART' if model.config.backbone == 'bart' else 'VL-T5'} one)"
+        )
 
     tmp = _prepare_output(output_dir, overwrite)
     try:
         model.save_pretrained(tmp)
-        if tok is not None:
-            tok.save_pretrained(tmp)
-        checks = self_check(tmp, original, hp, tolerance, text_only_state=t5_text_state, max_text_id=max_text_id)
+        if converted.tokenizer is not None:
+            converted.tokenizer.save_pretrained(tmp)
+            # the processor carries the config's text prefix and the input checks: what encode / search / train load.
+            # Loading AutoProcessor registers ours for the remote-code export (vl_joint_encoder.registration).
+            from transformers import AutoProcessor  # noqa: F401
+
+            JointEncoderProcessor.from_model_config(model.config, converted.tokenizer).save_pretrained(tmp)
+        checks = self_check(
+            tmp, converted.original, converted.hp, tolerance, text_only_state=converted.text_only_state,
+            max_text_id=converted.max_text_id,
+        )
         result = ConversionResult(
             output_dir=output_dir,
             source=source,
@@ -618,9 +860,9 @@ def convert(
             mapping=mapping,
             source_sha256=sha,
             self_checks=checks,
-            has_tokenizer=tok is not None,
+            has_tokenizer=converted.tokenizer is not None,
         )
-        write_model_card(result, checkpoint, push_to_hub_repo, sorted(fresh)).save(tmp / "README.md")
+        write_model_card(result, checkpoint, push_to_hub_repo, sorted(converted.fresh)).save(tmp / "README.md")
         _move_into_place(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -640,13 +882,15 @@ def convert(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convert_vl_t5_checkpoint",
-        description="Extract the joint encoder of a VL-T5 / VL-Adapter checkpoint (or start one from T5) as a "
-        "transformers model directory loadable with AutoModel.from_pretrained(DIR, trust_remote_code=True).",
+        description="Extract the joint encoder of a VL-T5 / VL-Adapter / VL-BART / VL-Adapter-BART checkpoint (or "
+        "start one from T5 or BART) as a transformers model directory loadable with "
+        "AutoModel.from_pretrained(DIR, trust_remote_code=True).",
     )
     parser.add_argument(
         "--checkpoint",
         required=True,
-        help="VL-T5 Epoch30.pth, VL-Adapter LAST.pth/BEST.pth, or a transformers T5 directory / hub id (--source t5)",
+        help="VL-T5 / VL-BART Epoch30.pth, VL-Adapter LAST.pth/BEST.pth, or a transformers T5 / BART directory or "
+        "hub id (--source t5 / bart)",
     )
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--source", choices=SOURCES, help="detected from the keys when absent")
@@ -657,8 +901,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="VL-Adapter: max-pool the 7x7 CLIP grid to 6x6 as its scripts do (default: on)",
     )
-    parser.add_argument("--tokenizer", help="T5 tokenizer (path or hub id) to extend to the VL-T5 layout and save")
-    parser.add_argument("--feat-dim", type=int, default=2048, help="--source t5: size of the visual features")
+    parser.add_argument(
+        "--tokenizer",
+        help="T5 tokenizer (e.g. t5-base) or BART tokenizer (e.g. facebook/bart-base), path or hub id, to extend to the "
+        "VL-T5 / VL-BART layout (checked if it has it already) and save",
+    )
+    parser.add_argument("--feat-dim", type=int, default=2048, help="--source t5 / bart: size of the visual features")
+    parser.add_argument(
+        "--visual-norm-layout",
+        choices=("per-projection", "after-sum", "none"),
+        help="read off the keys; needed when a file holds both (per-projection: individual_vis_layer_norm True; "
+        "after-sum: False). --source bart: the new visual embedding's (default after-sum, VL-BART's scripts)",
+    )
+    parser.add_argument("--num-heads", type=int, help="VL-BART: heads per layer (default 12 / 16 for d_model 768 / 1024)")
+    parser.add_argument("--scale-embedding", action="store_true", help="VL-BART: the backbone scaled embeddings "
+                        "(False for bart-base and bart-large)")
+    parser.add_argument("--share-vis-lang-layer-norm", action="store_true",
+                        help="VL-BART: trained with --share_vis_lang_layer_norm (no released script)")
+    parser.add_argument("--task", help="VL-T5 / VL-BART: the task the checkpoint was trained on (vqa, gqa, nlvr, "
+                        "caption, refcoco, mmt), whose text prefix is recorded; VL-Adapter: --adapter-task's")
+    parser.add_argument("--text-prefix", help="the text prefix to record instead of the task's ('' for none)")
     parser.add_argument(
         "--relative-attention-max-distance",
         type=int,
@@ -701,6 +963,12 @@ def main(argv: list[str] | None = None) -> int:
             tolerance=args.tolerance,
             seed=args.seed,
             relative_attention_max_distance=args.relative_attention_max_distance,
+            visual_norm_layout=args.visual_norm_layout,
+            num_heads=args.num_heads,
+            scale_embedding=args.scale_embedding,
+            share_vis_lang_layer_norm=args.share_vis_lang_layer_norm,
+            task=args.task,
+            text_prefix=args.text_prefix,
         )
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -711,9 +979,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"keys: {result.mapping.summary()}")
     c = result.config
     print(
-        f"config: vocab {c.vocab_size}, d_model {c.d_model}, layers {c.num_layers}, heads {c.num_heads}x{c.d_kv}, "
-        f"d_ff {c.d_ff}, feat_dim {c.feat_dim}, n_images {c.n_images}"
+        f"config: {c.backbone}, vocab {c.vocab_size}, d_model {c.d_model}, layers {c.num_layers}, heads "
+        f"{c.num_heads}x{c.d_kv}, d_ff {c.d_ff}, feat_dim {c.feat_dim}, n_images {c.n_images}"
     )
+    if c.text_prefix is not None:
+        print(f"text prefix: {c.text_prefix!r}")
     for check in result.self_checks:
         print(f"self-check ({check.name}): max abs diff {check.max_abs_diff:.3g} <= {check.tolerance:g}")
     if not result.has_tokenizer:

@@ -1,9 +1,13 @@
-"""Key map from VL-T5 / VL-Adapter / T5 checkpoints to `JointEncoderModel`, with strict accounting.
+"""Key maps from VL-T5 / VL-Adapter / T5 and VL-BART / VL-Adapter-BART / BART checkpoints to `JointEncoderModel`,
+with strict accounting.
 
 Original names: j-min/VL-T5 `src/modeling_t5.py` (`VLT5` = T5ForConditionalGeneration with a `JointEncoder` as
-`encoder`), ylsung/VL_adapter `VL-T5/src/modeling_t5.py` + `adapters/` (per-task `AdapterController`s named
-`attn_adapter` / `ff_adapter`); see `shared/docs/vl_t5_encoder_spec.md`. Everything here is pure (no I/O), so the
-map itself is unit-tested.
+`encoder`) and `src/modeling_bart.py` (`VLBart` = BartForConditionalGeneration whose `model.encoder` is a
+`JointEncoder(BartEncoder)`), ylsung/VL_adapter `VL-T5/src/modeling_t5.py` / `modeling_bart.py` + `adapters/`
+(per-task `AdapterController`s named `attn_adapter` / `ff_adapter`); see `shared/docs/vl_t5_encoder_spec.md` and
+`docs/vl_bart_encoder_spec.md`. Everything here is pure (no I/O), so the maps themselves are unit-tested.
+
+T5 family (`map_keys`):
 
 | source key (after `module.` is stripped)                                   | ours                               |
 |----------------------------------------------------------------------------|------------------------------------|
@@ -15,6 +19,18 @@ map itself is unit-tested.
 | `decoder.embed_tokens.weight`, `lm_head.weight` (an untied T5 v1.1 `lm_head`: ignored) | tied to `shared.weight` |
 | `decoder.*`, `lm_head.*`, `answer_head.*`, other tasks' adapters            | ignored                            |
 | VL-T5 legacy `vis_encoder.*`                                               | renamed `encoder.*` (VL-T5 only)   |
+
+BART family (`map_bart_keys`):
+
+| source key (after `module.` is stripped)                                   | ours                               |
+|----------------------------------------------------------------------------|------------------------------------|
+| `model.shared.weight`                                                      | `shared.weight`                    |
+| `model.encoder.X` (embed_positions, layernorm_embedding, layers, visual embedding) | `X`                        |
+| `model.encoder.layers.{i}.{attn,ff}_adapter.adapters.<task>.{down,up}_sampler.*` | `layers.{i}.{attn,ff}_adapter.*` |
+| `model.encoder.embed_tokens.weight`, `model.encoder.visual_embedding.obj_order_embedding.weight` | tied        |
+| `model.decoder.embed_tokens.weight`, `lm_head.weight`                      | tied (ignored when they differ)    |
+| `final_logits_bias`, `model.decoder.*`, `answer_head.*`, other tasks' adapters, the visual norm of the layout not chosen | ignored |
+| VL-BART legacy `model.vis_encoder.*`                                       | renamed `model.encoder.*` (VL-BART only) |
 """
 
 from __future__ import annotations
@@ -26,7 +42,9 @@ from dataclasses import dataclass, field
 import torch
 
 
-SOURCES = ("vl-t5", "vl-adapter", "t5")
+SOURCES = ("vl-t5", "vl-adapter", "t5", "vl-bart", "vl-adapter-bart", "bart")
+T5_SOURCES = ("vl-t5", "vl-adapter", "t5")
+BART_SOURCES = ("vl-bart", "vl-adapter-bart", "bart")
 
 # Aliases of the token embedding in the original model (one tensor under five names).
 ENCODER_ALIASES = ("encoder.embed_tokens.weight", "encoder.visual_embedding.obj_order_embedding.weight")
@@ -44,6 +62,8 @@ UNSUPPORTED_VARIANTS = (
     ("low-rank adapters (lradapter)", re.compile(r"\.W_left$|\.W_right$|low_rank")),
     ("prompt tuning (encoder/decoder prompts)", re.compile(r"prompt", re.I)),
     ("LoRA", re.compile(r"lora", re.I)),
+    ("adapter layer norms (add_layer_norm_before/after_adapter)", re.compile(r"_adapter\.(pre|post)_layer_norm\.")),
+    ("an lm-head adapter (use_lm_head_adapter)", re.compile(r"(^|\.)output_adapter\.")),
     (
         "a CLIP backbone inside the model (vis_encoder.*, feature_type raw)",
         re.compile(r"^vis_encoder\.(?!block\.|visual_embedding\.|final_layer_norm\.|embed_tokens\.)"),
@@ -52,6 +72,19 @@ UNSUPPORTED_VARIANTS = (
 VL_BART_MARKERS = re.compile(
     r"^(model\.)?(encoder|decoder)\.layers\.\d+\.|^final_logits_bias$|^model\.shared\.weight$"
 )
+VL_T5_MARKERS = re.compile(r"^(encoder|decoder|vis_encoder)\.block\.\d+\.|^shared\.weight$")
+
+BART_ENCODER_ALIASES = ("model.encoder.embed_tokens.weight", "model.encoder.visual_embedding.obj_order_embedding.weight")
+BART_DECODER_ALIASES = ("model.decoder.embed_tokens.weight", "lm_head.weight")
+BART_IGNORED = ("final_logits_bias",)
+BART_IGNORED_PREFIXES = ("model.decoder.", "lm_head.", "answer_head.")
+BART_ADAPTER_KEY = re.compile(r"^model\.encoder\.layers\.(\d+)\.(attn_adapter|ff_adapter)\.adapters\.([^.]+)\.(.+)$")
+# visual norm keys of each layout, under the encoder prefix ("encoder." for T5, "model.encoder." for BART)
+VISUAL_NORM_KEYS = {
+    "per-projection": ("visual_embedding.feat_embedding.1.", "visual_embedding.absolute_vis_pos_embedding.1."),
+    "after-sum": ("visual_embedding.layer_norm.",),
+}
+VISUAL_NORM_LAYOUTS = ("per-projection", "after-sum", "none")
 
 
 class ConversionError(ValueError):
@@ -81,19 +114,52 @@ def strip_prefixes(state: Mapping[str, torch.Tensor], source: str) -> dict[str, 
         if source == "vl-t5" and key.startswith("vis_encoder."):
             # legacy VL-T5 files; VL-Adapter uses vis_encoder. for its CLIP backbone, so never rename there
             key = "encoder." + key[len("vis_encoder.") :]
+        if source == "vl-bart" and key.startswith("model.vis_encoder."):
+            key = "model.encoder." + key[len("model.vis_encoder.") :]  # VL-T5's load_checkpoint does the same
         if key in out:
             raise ConversionError(f"key {key!r} appears twice once prefixes are stripped: the file mixes layouts")
         out[key] = value
     return out
 
 
+def is_bart_checkpoint(keys) -> bool:
+    """BART layout: `model.shared.weight`, `final_logits_bias`, `(model.)?(encoder|decoder).layers.{i}.`."""
+    return any(VL_BART_MARKERS.search(k.removeprefix("module.")) for k in keys)
+
+
 def check_not_vl_bart(keys) -> None:
     bart = sorted(k for k in keys if VL_BART_MARKERS.search(k.removeprefix("module.")))
     if bart:
         raise ConversionError(
-            f"this looks like a VL-BART checkpoint ({len(bart)} BART keys, e.g. {bart[0]!r}), not VL-T5: only the "
-            f"T5-based joint encoder (VL-T5 / VL-Adapter on t5-base) can be converted"
+            f"this looks like a VL-BART checkpoint ({len(bart)} BART keys, e.g. {bart[0]!r}), not VL-T5: convert it "
+            f"with --source vl-bart (VL-Adapter on BART: --source vl-adapter-bart), or leave --source out"
         )
+
+
+def check_not_vl_t5(keys) -> None:
+    t5 = sorted(k for k in keys if VL_T5_MARKERS.search(k.removeprefix("module.")))
+    if t5:
+        raise ConversionError(
+            f"this looks like a VL-T5 checkpoint ({len(t5)} T5 keys, e.g. {t5[0]!r}), not VL-BART: convert it with "
+            f"--source vl-t5 (VL-Adapter on T5: --source vl-adapter), or leave --source out"
+        )
+
+
+def check_source_matches(keys, source: str) -> None:
+    """Refuse a file of the other backbone family, and VL-BART / VL-Adapter-BART given for each other."""
+    keys = [k.removeprefix("module.") for k in keys]
+    if source in ("vl-t5", "vl-adapter"):
+        check_not_vl_bart(keys)
+    elif source in ("vl-bart", "vl-adapter-bart"):
+        check_not_vl_t5(keys)
+        if not any(k.startswith(("model.encoder.", "model.vis_encoder.")) for k in keys):
+            raise ConversionError("the state dict has no `model.encoder.*` key: not a VL-BART checkpoint")
+        has_adapters = any(BART_ADAPTER_KEY.match(k) for k in keys)
+        if source == "vl-bart" and has_adapters:
+            raise ConversionError(
+                f"the checkpoint holds VL-Adapter adapters (tasks {bart_adapter_tasks(keys)}): convert it with "
+                f"--source vl-adapter-bart --adapter-task TASK"
+            )
 
 
 def unsupported_variants(keys) -> dict[str, list[str]]:
@@ -109,9 +175,20 @@ def unsupported_variants(keys) -> dict[str, list[str]]:
 
 
 def detect_source(keys) -> str:
-    """'vl-adapter' when the keys show VL-Adapter modules, else 'vl-t5'; raises on VL-BART / non-VL-T5 files."""
+    """'vl-adapter' / 'vl-adapter-bart' when the keys show VL-Adapter modules, else 'vl-t5' / 'vl-bart' (BART layers
+    tell the backbone); raises on text-only or unknown files."""
     keys = [k.removeprefix("module.") for k in keys]
-    check_not_vl_bart(keys)
+    if is_bart_checkpoint(keys):
+        if any(BART_ADAPTER_KEY.match(k) or ".attn_adapter." in k or ".ff_adapter." in k for k in keys) or (
+            unsupported_variants(keys)
+        ):
+            return "vl-adapter-bart"
+        if any(k.startswith(("model.encoder.visual_embedding.", "model.vis_encoder.visual_embedding.")) for k in keys):
+            return "vl-bart"
+        raise ConversionError(
+            "the state dict has BART layers but no visual embedding: for a text-only BART checkpoint use --source bart "
+            "with a transformers BART directory"
+        )
     if any(ADAPTER_KEY.match(k) or ".attn_adapter." in k or ".ff_adapter." in k for k in keys) or unsupported_variants(
         keys
     ):
@@ -163,13 +240,17 @@ def choose_adapter_task(state: Mapping[str, torch.Tensor], requested: str | None
     raise ConversionError(f"the checkpoint has separate adapters for tasks {tasks}: choose one with --adapter-task")
 
 
-def map_keys(state: Mapping[str, torch.Tensor], adapter_task: str | None = None) -> KeyMapping:
+def map_keys(
+    state: Mapping[str, torch.Tensor], adapter_task: str | None = None, visual_norm_layout: str | None = None
+) -> KeyMapping:
     """
     Map a prefix-stripped state dict (see `strip_prefixes`) to our key names. Aliases of `shared.weight` read by the
     encoder must hold the same values (they are one tensor in the original model); decoder-side aliases are tied
-    when equal and ignored otherwise (an untied T5 v1.1 `lm_head`).
+    when equal and ignored otherwise (an untied T5 v1.1 `lm_head`). With `visual_norm_layout` given (a file holding
+    both layouts), the other layout's norm keys are ignored.
     """
     mapping = KeyMapping(adapter_task=adapter_task)
+    unused_norms = unused_visual_norm_prefixes(visual_norm_layout, "encoder.")
     shared = state.get("shared.weight")
     for key, value in state.items():
         if key == "shared.weight":
@@ -197,7 +278,7 @@ def map_keys(state: Mapping[str, torch.Tensor], adapter_task: str | None = None)
                 mapping.kept[f"block.{block}.layer.{layer}.adapter.{param}"] = key
             else:
                 mapping.ignored.append(key)
-        elif key.startswith(IGNORED_PREFIXES):
+        elif key.startswith(IGNORED_PREFIXES) or (unused_norms and key.startswith(unused_norms)):
             mapping.ignored.append(key)
         elif key.startswith("encoder."):
             mapping.kept[key[len("encoder.") :]] = key
@@ -240,4 +321,145 @@ def to_original_layout(state: Mapping[str, torch.Tensor], task: str = "task") ->
             out[f"encoder.{block}.{kind}.adapters.{task}.{param}"] = value
         else:
             out["encoder." + key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------- BART
+def bart_adapter_tasks(keys) -> list[str]:
+    """Tasks that own encoder adapters in a VL-Adapter-BART file (`...layers.{i}.attn_adapter.adapters.<task>.`)."""
+    return sorted({m.group(3) for k in keys if (m := BART_ADAPTER_KEY.match(k.removeprefix("module.")))})
+
+
+def adapters_are_shared(state: Mapping[str, torch.Tensor], pattern: re.Pattern = BART_ADAPTER_KEY) -> bool:
+    """True when two or more tasks hold identical adapter tensors: `--use_single_adapter` registers ONE module under
+    every task name (VL_adapter `adapters/adapter_controller.py` 49-58)."""
+    by_task: dict[str, dict] = {}
+    for key, value in state.items():
+        if (m := pattern.match(key)) is not None:
+            groups = m.groups()
+            task, rest = (groups[2], groups[:2] + groups[3:]) if pattern is BART_ADAPTER_KEY else (
+                groups[3], groups[:3] + groups[4:]
+            )
+            by_task.setdefault(task, {})[rest] = value
+    if len(by_task) < 2:
+        return False
+    first = next(iter(by_task.values()))
+    return all(
+        tensors.keys() == first.keys() and all(torch.equal(tensors[k], first[k]) for k in first)
+        for tensors in by_task.values()
+    )
+
+
+def choose_bart_adapter_task(state: Mapping[str, torch.Tensor], requested: str | None) -> str | None:
+    """As `choose_adapter_task`, for VL-Adapter-BART's key layout."""
+    tasks = bart_adapter_tasks(state)
+    if not tasks:
+        if requested is not None:
+            raise ConversionError(f"--adapter-task {requested!r} given but the checkpoint has no encoder adapters")
+        return None
+    if requested is not None:
+        if requested not in tasks:
+            raise ConversionError(f"unknown adapter task {requested!r}: the checkpoint has adapters for {tasks}")
+        return requested
+    if len(tasks) == 1 or adapters_are_shared(state):
+        return tasks[0]
+    raise ConversionError(f"the checkpoint has separate adapters for tasks {tasks}: choose one with --adapter-task")
+
+
+def visual_norm_layouts(keys, encoder_prefix: str) -> list[str]:
+    """The visual norm layouts whose keys the file holds: 'per-projection' (feat_embedding.1 / absolute_vis_pos_
+    embedding.1: VL-T5, VL-Adapter), 'after-sum' (visual_embedding.layer_norm: the released VL-BART files), or none."""
+    keys = [k.removeprefix("module.") for k in keys]
+    return [
+        layout for layout, names in VISUAL_NORM_KEYS.items()
+        if any(k.startswith(tuple(encoder_prefix + name for name in names)) for k in keys)
+    ]
+
+
+def unused_visual_norm_prefixes(layout: str | None, encoder_prefix: str) -> tuple[str, ...]:
+    """Key prefixes of the norms a chosen layout does not use (ignored when a file holds both)."""
+    if layout is None:
+        return ()
+    return tuple(encoder_prefix + name for other, names in VISUAL_NORM_KEYS.items() if other != layout for name in names)
+
+
+def choose_visual_norm_layout(keys, requested: str | None, encoder_prefix: str) -> str:
+    """The layout read off the keys; a file with both (an older code version, cf. VL-T5 issue #25) needs it given."""
+    found = visual_norm_layouts(keys, encoder_prefix)
+    if requested is not None:
+        if requested not in VISUAL_NORM_LAYOUTS:
+            raise ConversionError(f"--visual-norm-layout must be one of {VISUAL_NORM_LAYOUTS}, got {requested!r}")
+        if requested != "none" and requested not in found:
+            raise ConversionError(
+                f"--visual-norm-layout {requested} but the checkpoint has no such norm (it has {found or 'none'})"
+            )
+        return requested
+    if len(found) > 1:
+        raise ConversionError(
+            "the checkpoint holds both visual norm layouts (visual_embedding.feat_embedding.1 / "
+            "absolute_vis_pos_embedding.1 AND visual_embedding.layer_norm): the original model used only one "
+            "(individual_vis_layer_norm True or False), which the weights cannot tell. Give it with "
+            "--visual-norm-layout per-projection (individual_vis_layer_norm True: VL-T5, VL-Adapter) or after-sum "
+            "(False: VL-BART's released scripts); the other norm's keys are then ignored"
+        )
+    return found[0] if found else "none"
+
+
+def map_bart_keys(
+    state: Mapping[str, torch.Tensor], adapter_task: str | None = None, visual_norm_layout: str | None = None
+) -> KeyMapping:
+    """
+    Map a prefix-stripped VL-BART / VL-Adapter-BART / BART state dict to our key names. Aliases of the shared table
+    read by the encoder must equal it (one tensor in the original model); decoder-side aliases are tied when equal,
+    ignored otherwise. With `visual_norm_layout` given, the other layout's norm keys are ignored.
+    """
+    mapping = KeyMapping(adapter_task=adapter_task)
+    shared = state.get("model.shared.weight")
+    unused_norms = unused_visual_norm_prefixes(visual_norm_layout, "model.encoder.")
+    for key, value in state.items():
+        if key == "model.shared.weight":
+            mapping.kept["shared.weight"] = key
+        elif key in BART_ENCODER_ALIASES or key in BART_DECODER_ALIASES:
+            same = shared is not None and value.shape == shared.shape and torch.equal(value, shared)
+            if same:
+                mapping.tied.append(key)
+            elif key in BART_ENCODER_ALIASES:
+                if shared is None and key == "model.encoder.embed_tokens.weight":
+                    mapping.kept["shared.weight"] = key  # saved without model.shared: the encoder copy is the table
+                    continue
+                raise ConversionError(
+                    f"{key} differs from model.shared.weight, but the original encoder reads one tied tensor: the file "
+                    f"is inconsistent (was it edited?)"
+                )
+            else:
+                mapping.ignored.append(key)
+        elif (m := BART_ADAPTER_KEY.match(key)) is not None:
+            layer, kind, task, param = m.groups()
+            if param not in ADAPTER_PARAMS:
+                mapping.unexpected.append(key)
+            elif task == adapter_task:
+                mapping.kept[f"layers.{layer}.{kind}.{param}"] = key
+            else:
+                mapping.ignored.append(key)
+        elif key in BART_IGNORED or key.startswith(BART_IGNORED_PREFIXES) or (unused_norms and key.startswith(unused_norms)):
+            mapping.ignored.append(key)
+        elif key.startswith("model.encoder."):
+            mapping.kept[key[len("model.encoder.") :]] = key
+        else:
+            mapping.unexpected.append(key)
+    return mapping
+
+
+def to_original_bart_layout(state: Mapping[str, torch.Tensor], task: str = "task") -> dict[str, torch.Tensor]:
+    """Inverse map: OUR state dict (backbone bart) -> original VL-BART / VL-Adapter-BART key names."""
+    out = {}
+    for key, value in state.items():
+        if key == "shared.weight":
+            out["model.shared.weight"] = value
+        elif key.startswith("projection."):
+            out[key] = value
+        elif (m := re.match(r"^layers\.(\d+)\.(attn_adapter|ff_adapter)\.(.+)$", key)) is not None:
+            out[f"model.encoder.layers.{m.group(1)}.{m.group(2)}.adapters.{task}.{m.group(3)}"] = value
+        else:
+            out["model.encoder." + key] = value
     return out

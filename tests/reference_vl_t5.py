@@ -62,7 +62,27 @@ def reference_encoder(
         B, V, _ = visual_feats.shape
         if visual_pos is None:
             visual_pos = torch.zeros(B, V, 4)
-        if downsample is not None:
+        if downsample is not None and image_order_ids is not None and object_order_ids is not None:
+            # VL-Adapter's Downsample on NLVR2's 4-tuple (ylsung/VL_adapter VL-T5/src/modeling_bart.py 439-462, used
+            # by its T5 encoder too): the sequence is chunked in two images, each grid pooled on its own, and boxes,
+            # image ids and object ids keep the first downsample**2 tokens of each image
+            def halves_to_batch(t):
+                return torch.cat(torch.chunk(t, 2, 1), 0)  # (2B, V/2, ...)
+
+            def batch_to_halves(t):
+                return torch.cat(torch.chunk(t, 2, 0), 1)  # (B, V, ...)
+
+            x = halves_to_batch(visual_feats)
+            grid = int((V // 2) ** 0.5)
+            x = x.permute(0, 2, 1).reshape(2 * B, -1, grid, grid)
+            x = torch.nn.AdaptiveMaxPool2d(downsample)(x)
+            visual_feats = batch_to_halves(x.reshape(2 * B, x.shape[1], -1).permute(0, 2, 1))
+            n = downsample * downsample
+            visual_pos = batch_to_halves(halves_to_batch(visual_pos)[:, :n])
+            image_order_ids = batch_to_halves(halves_to_batch(image_order_ids)[:, :n])
+            object_order_ids = batch_to_halves(halves_to_batch(object_order_ids)[:, :n])
+            V = 2 * n
+        elif downsample is not None:
             grid = int(round(V**0.5))
             x = visual_feats.permute(0, 2, 1).reshape(B, -1, grid, grid)
             x = torch.nn.AdaptiveMaxPool2d(downsample)(x)

@@ -66,7 +66,8 @@ def readme_reference() -> str:
         os.environ.pop("COLUMNS") if previous is None else os.environ.__setitem__("COLUMNS", previous)
     conversion = (
         "<details><summary><code>python conversion/convert_vl_t5_checkpoint.py</code>: convert a VL-T5 / "
-        f"VL-Adapter / T5 checkpoint</summary>\n\n```text\n{buffer.getvalue().rstrip()}\n```\n\n</details>"
+        f"VL-Adapter / VL-BART / T5 / BART checkpoint</summary>\n\n```text\n{buffer.getvalue().rstrip()}\n```\n\n"
+        "</details>"
     )
     return reference.markdown_reference() + "\n\n" + conversion
 

@@ -26,9 +26,11 @@ def test_faster_rcnn_reader_normalises_and_clamps_by_hand(tmp_path):
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(36, 2048)).astype(np.float32)
     boxes = np.tile(np.array([[64.0, 48.0, 320.0, 240.0]], dtype=np.float32), (36, 1))
-    boxes[1] = [-1.0, 0.0, 640.5, 480.0]  # detectors overshoot by a pixel: clamped
+    boxes[1] = [-1.0, 0.0, 640.5, 480.0]  # overshoots by a pixel: beyond the originals' tolerance
     write_vl_t5_file(tmp_path / "train_obj36.h5", {"COCO_1": (feats, boxes, 480, 640)})
-    reader = open_feature_file(tmp_path / "train_obj36.h5", feat_dim=2048)
+    with pytest.raises(ValueError, match=r"train_obj36.h5: COCO_1/boxes: box 1 \(-1.0, 0.0, 640.5, 480.0\)"):
+        open_feature_file(tmp_path / "train_obj36.h5", feat_dim=2048)["COCO_1"]  # as the original asserts
+    reader = open_feature_file(tmp_path / "train_obj36.h5", feat_dim=2048, clamp_boxes=True)  # clipped on request
     assert isinstance(reader, FasterRCNNFeatures) and len(reader) == 1 and "COCO_1" in reader
     item = reader["COCO_1"]
     np.testing.assert_array_equal(item["visual_feats"], feats)
@@ -77,12 +79,14 @@ def test_bad_feature_files(tmp_path):
     nan[1, 3] = np.nan
     write_vl_t5_file(tmp_path / "nan.h5", {"a": (nan, *good[1:])})
     with pytest.raises(ValueError, match="NaN"):
-        FasterRCNNFeatures(tmp_path / "nan.h5")["a"]
+        FasterRCNNFeatures(tmp_path / "nan.h5", n_boxes=2)["a"]
     write_vl_t5_file(tmp_path / "swapped.h5", {"a": (good[0], np.array([[0, 0, 30, 10]] * 2, np.float32), 30, 10)})
     with pytest.raises(ValueError, match="outside the image"):  # boxes of a 30 x 10 image, img_h/img_w swapped
-        FasterRCNNFeatures(tmp_path / "swapped.h5")["a"]
+        FasterRCNNFeatures(tmp_path / "swapped.h5", n_boxes=None)["a"]
     write_vl_t5_file(tmp_path / "count.h5", {"a": (good[0], good[1][:1], 20, 20)})
     with pytest.raises(ValueError, match="expected \\(2, 4\\)"):
+        FasterRCNNFeatures(tmp_path / "count.h5", n_boxes=None)["a"]
+    with pytest.raises(ValueError, match=r"a/features has 2 boxes but the original loaders read exactly n_boxes=36"):
         FasterRCNNFeatures(tmp_path / "count.h5")["a"]
 
 

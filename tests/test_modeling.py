@@ -154,6 +154,30 @@ def test_adapters_and_grid_downsampling_match_reference():
 
 
 @torch.no_grad()
+def test_two_images_with_downsampling_pool_each_grid_matches_reference():
+    """VL-Adapter's NLVR2 model: two 7x7 grids, each max-pooled to 6x6 on its own (98 -> 72 tokens), then each
+    image's boxes and order ids cut to its first 36 (reference: the original Downsample's 4-tuple path)."""
+    model = build(seed=27, adapter_reduction_factor=4, visual_downsample_size=6)
+    input_ids = text_batch(seed=28)
+    generator = torch.Generator().manual_seed(29)
+    feats = torch.randn(2, 98, 16, generator=generator)
+    boxes = torch.rand(2, 98, 4, generator=generator)  # distinct boxes, to see which ones are kept
+    image_order_ids = torch.tensor([[0] * 49 + [1] * 49] * 2)
+    object_order_ids = torch.tensor([list(range(49)) * 2] * 2)
+    inputs = dict(input_ids=input_ids, visual_feats=feats, visual_pos=boxes, image_order_ids=image_order_ids,
+                  object_order_ids=object_order_ids)
+    out = model(**inputs).last_hidden_state
+    assert out.shape == (2, 9 + 72, 32)
+    torch.testing.assert_close(out, reference(model, **inputs), atol=ATOL, rtol=0)
+    # the mask is cut per image too: masking image 1 (the second block) removes its 36 pooled tokens
+    mask = torch.tensor([[1] * 98, [1] * 49 + [0] * 49])
+    masked = model(**inputs, visual_attention_mask=mask)
+    assert masked.attention_mask[:, 9:].sum(-1).tolist() == [72, 36]
+    with pytest.raises(ValueError, match="token 49 of row 0 has image_order_ids 0, expected 1"):
+        model(**{**inputs, "image_order_ids": torch.zeros(2, 98, dtype=torch.long)})
+
+
+@torch.no_grad()
 def test_visual_only_input_matches_reference():
     model = build(seed=14)
     feats, boxes = visual_batch(seed=15)

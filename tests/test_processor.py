@@ -91,7 +91,7 @@ def test_image_modes_and_paths(tokenizer, photos, tmp_path):
 
 
 def test_precomputed_features_boxes_normalised_by_hand(tokenizer):
-    processor = processor_for(tokenizer, feat_dim=6)
+    processor = processor_for(tokenizer, feat_dim=6, clamp_boxes=True)  # the overshooting box is clipped, not refused
     rng = np.random.default_rng(0)
     feats_a = rng.normal(size=(3, 6)).astype(np.float32)
     feats_b1, feats_b2 = rng.normal(size=(2, 6)).astype(np.float32), rng.normal(size=(1, 6)).astype(np.float32)
@@ -107,7 +107,7 @@ def test_precomputed_features_boxes_normalised_by_hand(tokenizer):
     )
     expected_pos = torch.tensor(
         [
-            [[0.05, 0.2, 0.55, 0.7], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]],  # second box clamped (overshoot)
+            [[0.05, 0.2, 0.55, 0.7], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]],  # second box clamped (clamp_boxes)
             [[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.1, 0.2, 0.3, 0.4]],
             [[0.0] * 4] * 3,
         ]
@@ -151,11 +151,15 @@ def test_bad_feature_inputs(tokenizer, kwargs, message):
 
 
 def test_save_load_round_trip_auto_processor(tokenizer, photos, tmp_path):
-    processor = processor_for(tokenizer, feat_dim=6, n_images=2, box_tolerance=0.1)
+    processor = processor_for(tokenizer, feat_dim=6, n_images=2, box_tolerance=0.1, clamp_boxes=True,
+                              text_prefix="vqa: ", mask_pad_tokens=False)
     processor.save_pretrained(tmp_path)
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert type(loaded) is JointEncoderProcessor
     assert (loaded.feat_dim, loaded.n_images, loaded.box_tolerance) == (6, 2, 0.1)
+    assert (loaded.clamp_boxes, loaded.text_prefix, loaded.add_text_prefix, loaded.mask_pad_tokens) == (
+        True, "vqa: ", True, False
+    )
     assert type(loaded.image_processor).__name__ == "CLIPImageProcessorPil"  # works without torchvision
     inputs = dict(text=TEXTS[:2], images=[photos["astronaut"], [photos["coffee"], photos["chelsea"]]])
     before, after = processor(**inputs), loaded(**inputs)
@@ -198,3 +202,75 @@ def test_remote_code_processor_loads_without_the_package(tokenizer, tmp_path):
     flag, values = result.stdout.strip().split(" ", 1)
     assert flag == "True"
     assert torch.allclose(torch.tensor(eval(values)), expected.pooler_output, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- inputs as the original loaders build them
+def test_attention_mask_is_input_ids_not_pad_as_the_original_encoder(tokenizer):
+    """The originals pass no text mask: their encoders use `input_ids != pad` (j-min/VL-T5 modeling_t5.py), so a
+    literal <pad> in a question is masked out. The processor does the same unless mask_pad_tokens=False."""
+    texts = ["what is <pad> in the cup", "who is this"]
+    ids = [tokenizer.encode(t) for t in texts]  # the originals' tokenizer.encode: </s> appended, <pad> -> id 0
+    assert 0 in ids[0][:-1]
+    longest = max(map(len, ids))
+    padded = torch.zeros(2, longest, dtype=torch.long)  # the collate: ones * pad_token_id, then each row's ids
+    for row, row_ids in enumerate(ids):
+        padded[row, : len(row_ids)] = torch.tensor(row_ids)
+    batch = processor_for(tokenizer)(text=texts, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], padded)
+    assert torch.equal(batch["attention_mask"], (padded != 0).long())
+    assert batch["attention_mask"][0, ids[0].index(0)] == 0
+    kept = processor_for(tokenizer, mask_pad_tokens=False)(text=texts, return_tensors="pt")
+    assert torch.equal(kept["attention_mask"], tokenizer(texts, padding=True, return_tensors="pt")["attention_mask"])
+    assert kept["attention_mask"][0, ids[0].index(0)] == 1
+    # and the model: with the processor's mask, the literal <pad> is a removed token, as in the original encoder
+    model = JointEncoderModel(JointEncoderConfig(**tiny_config_kwargs(vocab_size=len(tokenizer)))).eval()
+    with torch.no_grad():
+        ours = model(**batch).pooler_output
+        default = model(input_ids=batch["input_ids"]).pooler_output  # the model's own default mask
+    torch.testing.assert_close(ours, default, atol=0, rtol=0)
+
+
+def test_text_prefix_of_the_source_task_is_prepended_unless_turned_off(tokenizer):
+    config = JointEncoderConfig(**tiny_config_kwargs(vocab_size=len(tokenizer), text_prefix="vqa: "))
+    processor = JointEncoderProcessor.from_model_config(config, tokenizer)
+    assert processor.text_prefix == "vqa: "
+    batch = processor(text=["what is in the cup"], return_tensors="pt")
+    assert batch["input_ids"][0].tolist() == tokenizer.encode("vqa: what is in the cup")  # f"vqa: {question}"
+    off = processor(text=["what is in the cup"], add_text_prefix=False, return_tensors="pt")
+    assert off["input_ids"][0].tolist() == tokenizer.encode("what is in the cup")
+    assert processor_for(tokenizer, text_prefix="vqa: ", add_text_prefix=False)(text="what")["input_ids"][0].tolist() == (
+        tokenizer.encode("what")
+    )
+    with pytest.raises(ValueError, match="text_prefix must be a string"):
+        processor_for(tokenizer, text_prefix=3)
+
+
+def test_box_tolerance_is_the_originals_and_clamping_is_an_option(tokenizer):
+    """VL-T5's loaders: boxes / (w, h) in float32, `assert_array_less(boxes, 1 + 1e-5)` and
+    `assert_array_less(-boxes, 0 + 1e-5)` (strict, float32), then clamp to [0, 1]."""
+    processor = processor_for(tokenizer, feat_dim=6)
+    feats = [np.ones((2, 6), np.float32)]
+
+    def pos(boxes, size=(640, 480), **kwargs):
+        return processor_for(tokenizer, feat_dim=6, **kwargs)(
+            text=["x"], visual_feats=feats, boxes=[np.array(boxes, np.float32)], image_size=[size], return_tensors="np"
+        )["visual_pos"][0]
+
+    # 640.005 / 640 = 1.0000078 < 1 + 1e-5: accepted, then clamped to 1 (as the original)
+    np.testing.assert_array_equal(pos([[0, 0, 640.005, 480], [64, 48, 320, 240]]),
+                                  np.array([[0, 0, 1, 1], [0.1, 0.1, 0.5, 0.5]], np.float32))
+    with pytest.raises(ValueError, match=r"boxes\[0\]: box 1 \(-1.0, 0.0, 320.0, 240.0\) \(normalised .*lies outside"):
+        pos([[0, 0, 10, 10], [-1, 0, 320, 240]])  # -1 / 640 = -0.0016: beyond the tolerance
+    with pytest.raises(ValueError, match="clamp_boxes=True"):
+        pos([[0, 0, 641, 480], [0, 0, 1, 1]])
+    np.testing.assert_array_equal(pos([[-1, 0, 641, 480], [0, 0, 1, 1]], clamp_boxes=True)[0], [0, 0, 1, 1])
+    np.testing.assert_array_equal(pos([[0, 0, 641, 480], [0, 0, 1, 1]], box_tolerance=0.01)[0], [0, 0, 1, 1])
+    # the exact boundary, in float32 as the original compares: 1 + 1e-5 itself is refused (strict), the float32 below
+    # it accepted; x = -float32(1e-5) refused
+    below = float(np.nextafter(np.float32(1 + 1e-5), np.float32(0)))
+    assert pos([[0, 0, below, 1], [0, 0, 1, 1]], size=(1, 1))[0, 2] == 1.0
+    with pytest.raises(ValueError, match="outside"):
+        pos([[0, 0, float(np.float32(1 + 1e-5)), 1], [0, 0, 1, 1]], size=(1, 1))
+    with pytest.raises(ValueError, match="outside"):
+        pos([[-float(np.float32(1e-5)), 0, 1, 1], [0, 0, 1, 1]], size=(1, 1))
+    assert processor.box_tolerance == 1e-5 and processor.clamp_boxes is False

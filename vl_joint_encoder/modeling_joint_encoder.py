@@ -1,10 +1,18 @@
-"""PyTorch VL-T5 joint encoder used as a dense retriever.
+"""PyTorch VL-T5 / VL-BART joint encoder used as a dense retriever.
 
-The encoder computes exactly what the encoder of VL-T5 (Cho et al., 2021, https://arxiv.org/abs/2102.02779,
-j-min/VL-T5 `src/modeling_t5.py`) and VL-Adapter (Sung et al., 2022, https://arxiv.org/abs/2112.06825) compute:
-text tokens and visual tokens (region or CLIP grid features + boxes) concatenated, text first, through T5 blocks with
-T5's relative position bias on text x text pairs only. On top of it sits a retrieval head (pooling, optional
-projection, optional L2 normalisation) and the similarity the model is trained and searched with.
+The encoder computes exactly what the encoders of VL-T5 and VL-BART (Cho et al., 2021,
+https://arxiv.org/abs/2102.02779, j-min/VL-T5 `src/modeling_t5.py`, `src/modeling_bart.py`) and of VL-Adapter (Sung et
+al., 2022, https://arxiv.org/abs/2112.06825) compute: text tokens and visual tokens (region or CLIP grid features +
+boxes) concatenated, text first, through the backbone's encoder layers:
+- `config.backbone == "t5"`: pre-norm T5 blocks with T5's relative position bias on text x text pairs only, a final
+  RMS norm (`block`, `final_layer_norm`; spec: shared/docs/vl_t5_encoder_spec.md);
+- `config.backbone == "bart"`: learned text positions (offset 2) and `layernorm_embedding` on the text, then post-norm
+  BART encoder layers, no final norm (`embed_positions`, `layernorm_embedding`, `layers`; spec:
+  docs/vl_bart_encoder_spec.md). On text alone it equals transformers' `BartModel` encoder.
+Both backbones live in this one file, selected by a config field, so that every job of the package (processor,
+trainer, encoding, search) takes one `JointEncoderModel` class and the remote-code export stays two files. On top sits
+a retrieval head (pooling, optional projection, optional L2 normalisation) and the similarity the model is trained
+and searched with.
 
 This file imports only its configuration file so that `save_pretrained` can export it as remote code.
 """
@@ -31,6 +39,8 @@ from .configuration_joint_encoder import JointEncoderConfig
 
 logger = logging.get_logger(__name__)
 
+BART_POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding: ids 0 and 1 of its table are never looked up
+
 
 @dataclass
 class JointEncoderOutput(ModelOutput):
@@ -45,7 +55,7 @@ class JointEncoderOutput(ModelOutput):
         attention_mask (`torch.LongTensor` of shape `(batch_size, text_length + visual_length)`):
             The joint mask used for attention and pooling (1 = real token).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): embedding output, then the output of each block
-            (the last one after the final norm), when `output_hidden_states=True`.
+            (for T5 the last one after the final norm), when `output_hidden_states=True`.
         attentions (`tuple(torch.FloatTensor)`, *optional*): attention probabilities of each block, when
             `output_attentions=True`.
     """
@@ -87,10 +97,19 @@ class JointEncoderAdapter(nn.Module):
         return self.up_sampler(self.activation(self.down_sampler(hidden_states))) + hidden_states
 
 
+def _norm(config: JointEncoderConfig) -> nn.Module:
+    """The backbone's norm: T5's RMS norm (weight only), or BART's `nn.LayerNorm` (weight and bias)."""
+    if config.backbone == "bart":
+        return nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+    return JointEncoderLayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+
+
 class JointEncoderVisualEmbedding(nn.Module):
     """
-    VL-T5's visual embedding of one token per region / grid cell:
-    `((RMSNorm(Linear(feats)) + RMSNorm(Linear([boxes, area]))) + img_order_emb) + token_emb(vocab - 1 - obj_order)`.
+    VL-T5's (and VL-BART's) visual embedding of one token per region / grid cell:
+    `((Norm(Linear(feats)) + Norm(Linear([boxes, area]))) + img_order_emb) + token_emb(vocab - 1 - obj_order)`,
+    with one norm per projection (`individual_vis_layer_norm`) or one `layer_norm` after the sum; the norm is T5's RMS
+    norm or, for BART, `nn.LayerNorm` (j-min/VL-T5 `modeling_bart.py` `VisualEmbedding`, lines 31-143).
 
     The object-order embedding is the token embedding itself (rows of `<vis_extra_id_k>`), so it is passed in at call
     time instead of being registered twice.
@@ -103,14 +122,14 @@ class JointEncoderVisualEmbedding(nn.Module):
         feat_layers = [nn.Linear(config.feat_dim, config.d_model)]
         pos_layers = [nn.Linear(config.pos_dim + 1, config.d_model)]
         if individual_norm:
-            feat_layers.append(JointEncoderLayerNorm(config.d_model, eps=config.layer_norm_epsilon))
-            pos_layers.append(JointEncoderLayerNorm(config.d_model, eps=config.layer_norm_epsilon))
+            feat_layers.append(_norm(config))
+            pos_layers.append(_norm(config))
         self.feat_embedding = nn.Sequential(*feat_layers)
         self.absolute_vis_pos_embedding = nn.Sequential(*pos_layers)
         if config.use_vis_order_embedding:
             self.img_order_embedding = nn.Embedding(config.n_images, config.d_model)
         if config.use_vis_layer_norm and not config.individual_vis_layer_norm:
-            self.layer_norm = JointEncoderLayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+            self.layer_norm = _norm(config)
 
     def box_area(self, boxes: torch.Tensor) -> torch.Tensor:
         if self.config.box_area == "vl_t5":
@@ -155,16 +174,18 @@ def eager_attention_forward(
     scaling: float = 1.0,
     dropout: float = 0.0,
     position_bias: torch.Tensor | None = None,  # (B or 1, H, T, T), additive
+    softmax_dtype: torch.dtype = torch.float32,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention with the weights materialised (returned with `output_attentions`): softmax in fp32, as T5.
+    """Attention with the weights materialised (returned with `output_attentions`): softmax in `softmax_dtype` (fp32,
+    as T5; BART passes its own dtype, at least fp32, so that a float64 model stays exact).
     Returns (context (B, T, H, d_kv), weights (B, H, T, T)), the layout of transformers' attention interfaces."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, T, T)
     if position_bias is not None:
         scores = scores + position_bias
     if attention_mask is not None:
         scores = scores + attention_mask
-    weights = F.softmax(scores.float(), dim=-1).to(query.dtype)
+    weights = F.softmax(scores.to(softmax_dtype), dim=-1).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     context = torch.matmul(weights, value)  # (B, H, T, d_kv)
     return context.transpose(1, 2).contiguous(), weights
@@ -331,6 +352,90 @@ def _clamp_fp16(hidden_states: torch.Tensor) -> torch.Tensor:
     return hidden_states
 
 
+class JointEncoderBartAttention(nn.Module):
+    """BART self-attention (transformers' `BartAttention`, encoder side): q/k/v/out projections with biases, scores
+    scaled by head_dim**-0.5, the additive mask given to the attention function (eager, sdpa, flex) as transformers'
+    BART does. No position bias: text positions are learned embeddings added before the first layer."""
+
+    def __init__(self, config: JointEncoderConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_heads
+        self.head_dim = config.d_kv  # d_model // num_heads (checked by the config)
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.dropout_rate if config.attention_dropout is None else config.attention_dropout
+        self.is_causal = False  # an encoder: every token sees every token (what sdpa/flex read)
+        self.k_proj = nn.Linear(config.d_model, config.d_model)
+        self.v_proj = nn.Linear(config.d_model, config.d_model)
+        self.q_proj = nn.Linear(config.d_model, config.d_model)
+        self.out_proj = nn.Linear(config.d_model, config.d_model)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, T, d_model)
+        attention_mask: torch.Tensor | None,  # (B, 1, 1, T) additive (flex: (B, 1, T, T)), None: attend everywhere
+        attention_interface: Callable = eager_attention_forward,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, length = hidden_states.shape[:2]
+        shape = (batch_size, length, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, T, head_dim)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if attention_mask is not None and attention_interface is not eager_attention_forward:
+            attention_mask = attention_mask.to(query.dtype)  # the fused kernels need the query's dtype (autocast)
+        context, weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling,
+            softmax_dtype=torch.promote_types(query.dtype, torch.float32),  # BART: the tensors' dtype, fp32 at least
+        )  # (B, T, H, head_dim)
+        return self.out_proj(context.reshape(batch_size, length, -1)), weights
+
+
+class JointEncoderBartLayer(GradientCheckpointingLayer):
+    """
+    BART's post-norm encoder layer (transformers' `BartEncoderLayer`; VL-Adapter's copy in
+    `my_transformers/modeling_bart.py` 425-519 adds the adapters): `h = LN(h + dropout(adapter(attn(h))))`,
+    `h = LN(h + dropout(adapter(fc2(act_dropout(act(fc1(h)))))))`. VL-Adapter's `attn_adapter` / `ff_adapter` run
+    before the dropout and the residual.
+    """
+
+    def __init__(self, config: JointEncoderConfig):
+        super().__init__()
+        self.self_attn = JointEncoderBartAttention(config)
+        self.self_attn_layer_norm = _norm(config)
+        self.fc1 = nn.Linear(config.d_model, config.d_ff)
+        self.fc2 = nn.Linear(config.d_ff, config.d_model)
+        self.final_layer_norm = _norm(config)
+        if config.adapter_reduction_factor is not None:
+            self.attn_adapter = JointEncoderAdapter(config)
+            self.ff_adapter = JointEncoderAdapter(config)
+        self.activation_fn = ACT2FN[config.dense_act_fn]  # "gelu" = exact erf GELU, as BART's
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.activation_dropout = nn.Dropout(
+            config.dropout_rate if config.activation_dropout is None else config.activation_dropout
+        )
+
+    def forward(self, hidden_states, attention_mask, attention_interface=eager_attention_forward):
+        residual = hidden_states
+        attention_output, weights = self.self_attn(hidden_states, attention_mask, attention_interface)
+        if hasattr(self, "attn_adapter"):
+            attention_output = self.attn_adapter(attention_output)
+        hidden_states = self.self_attn_layer_norm(residual + self.dropout(attention_output))
+        residual = hidden_states
+        forwarded = self.fc2(self.activation_dropout(self.activation_fn(self.fc1(hidden_states))))
+        if hasattr(self, "ff_adapter"):
+            forwarded = self.ff_adapter(forwarded)
+        hidden_states = self.final_layer_norm(residual + self.dropout(forwarded))
+        # transformers 4.2.1 (the originals' pin) clamps non-finite values in any dtype, current transformers in fp16
+        # only; both leave finite fp32 outputs unchanged. Clamped in fp16 without reading the values (no sync).
+        return _clamp_fp16(hidden_states), weights
+
+
 def _adaptive_grid_pool(tokens: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     """Pool a square grid of tokens (B, g*g, C) to (B, size*size, C)."""
     batch_size, num_tokens, channels = tokens.shape
@@ -343,6 +448,72 @@ def _adaptive_grid_pool(tokens: torch.Tensor, size: int, mode: str) -> torch.Ten
     grid_tokens = tokens.transpose(1, 2).reshape(batch_size, channels, grid, grid)
     pool = F.adaptive_max_pool2d if mode == "max" else F.adaptive_avg_pool2d
     return pool(grid_tokens, size).reshape(batch_size, channels, size * size).transpose(1, 2)
+
+
+def _images_per_sequence(num_tokens: int, n_images: int, image_order_ids: torch.Tensor | None) -> int:
+    """How many equal square grids `num_tokens` visual tokens are: n in 1..n_images with num_tokens / n a square.
+    Unambiguous for n_images <= 3 (n * g^2 is a square only for square n); else the image ids decide."""
+    candidates = [
+        n for n in range(1, n_images + 1) if num_tokens % n == 0 and math.isqrt(num_tokens // n) ** 2 == num_tokens // n
+    ]
+    if not candidates:
+        raise ValueError(
+            f"visual_downsample_size pools square grids (VL-Adapter: 7x7 = 49 tokens per image), but {num_tokens} "
+            f"visual tokens are not 1..n_images={n_images} equal square grids; unset visual_downsample_size or give "
+            f"grid features"
+        )
+    if len(candidates) > 1 and image_order_ids is not None:
+        n = int(image_order_ids.max()) + 1 if image_order_ids.numel() else 1
+        if n in candidates:
+            return n
+    if candidates[0] > 1 and image_order_ids is None:
+        raise ValueError(
+            f"{num_tokens} visual tokens are {candidates[0]} images' grids, not one: pass image_order_ids (image k's "
+            f"tokens are the k-th block) so that each image is pooled on its own grid, as VL-Adapter does"
+        )
+    return candidates[0]
+
+
+def _downsample_visual_inputs(
+    visual_feats: torch.Tensor,  # (B, n * g*g, C)
+    visual_pos: torch.Tensor,  # (B, n * g*g, 4)
+    visual_attention_mask: torch.Tensor,  # (B, n * g*g)
+    image_order_ids: torch.Tensor | None,  # (B, n * g*g)
+    object_order_ids: torch.Tensor | None,
+    size: int,
+    n_images: int,
+):
+    """
+    VL-Adapter's `--downsample` (`Downsample` in ylsung/VL_adapter `VL-T5/src/modeling_bart.py` 413-470, also used by
+    its T5 encoder): each image's g x g grid is adaptive-max-pooled to size x size, BEFORE the visual embedding, and
+    each image's boxes, mask and order ids keep their first size**2 tokens (image 0's, then image 1's). One grid: the
+    original's 2-tuple path (VQA, GQA, captioning); two images of 49 tokens: its NLVR2 4-tuple path, 98 -> 72 tokens.
+    The images are consecutive equal blocks of the sequence, as the processor and the vision tower lay them out.
+    """
+    batch_size, num_tokens, channels = visual_feats.shape
+    n = _images_per_sequence(num_tokens, n_images, image_order_ids)
+    per_image, keep = num_tokens // n, size * size
+    if image_order_ids is not None and image_order_ids.device.type == "cpu" and image_order_ids.numel():
+        # every real token of block k must belong to image k (values are read only on CPU: no device sync)
+        expected = torch.arange(n).repeat_interleave(per_image)  # (V,)
+        misplaced = (image_order_ids != expected) & visual_attention_mask.cpu().bool()
+        if bool(misplaced.any()):
+            row, token = (int(i) for i in misplaced.nonzero()[0])
+            raise ValueError(
+                f"visual_downsample_size pools each image's grid, so image k's {per_image} tokens must be the k-th "
+                f"block of the visual sequence; token {token} of row {row} has image_order_ids "
+                f"{int(image_order_ids[row, token])}, expected {token // per_image}"
+            )
+    grids = visual_feats.reshape(batch_size * n, per_image, channels)  # (B*n, g*g, C)
+    pooled = _adaptive_grid_pool(grids, size, mode="max").reshape(batch_size, n * keep, channels)  # (B, n*s*s, C)
+
+    def cut(tensor):  # (B', n * g*g, ...) -> (B', n * s*s, ...): the first s*s tokens of each image
+        if tensor is None:
+            return None
+        rows = tensor.shape[0]
+        return tensor.reshape(rows, n, per_image, *tensor.shape[2:])[:, :, :keep].reshape(rows, n * keep, *tensor.shape[2:])
+
+    return pooled, cut(visual_pos), cut(visual_attention_mask), cut(image_order_ids), cut(object_order_ids)
 
 
 def grid_boxes(rows: int, cols: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -416,7 +587,7 @@ class JointEncoderPreTrainedModel(PreTrainedModel):
     base_model_prefix = "joint_encoder"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["JointEncoderBlock"]
+    _no_split_modules = ["JointEncoderBlock", "JointEncoderBartLayer"]
     _keep_in_fp32_modules = ["wo"]  # as T5: the feed-forward output overflows in fp16
     _supports_sdpa = True
     _supports_flex_attn = True  # the bias (relative positions on text x text, and the mask) is a score_mod
@@ -424,10 +595,27 @@ class JointEncoderPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^lm_head\."]
 
     def _init_weights(self, module):
-        """T5's initialisation (Mesh TensorFlow), `initializer_factor` scaling it."""
+        """T5's initialisation (Mesh TensorFlow), `initializer_factor` scaling it; for BART, BART's (every Linear and
+        Embedding ~ N(0, 0.02 * initializer_factor), biases 0, LayerNorms 1 / 0). Adapters start near the identity."""
         from transformers import initialization as init
 
         factor = self.config.initializer_factor
+        if self.config.backbone == "bart":
+            std = 0.02 * factor
+            if isinstance(module, JointEncoderAdapter):
+                for linear in (module.down_sampler, module.up_sampler):
+                    init.normal_(linear.weight, mean=0.0, std=1e-2)
+                    init.zeros_(linear.bias)
+            elif isinstance(module, nn.Linear):  # an adapter's Linears: re-initialised by the adapter, applied after
+                init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
+            return
         d_model, d_kv, n_heads = self.config.d_model, self.config.d_kv, self.config.num_heads
         if isinstance(module, JointEncoderLayerNorm):
             init.constant_(module.weight, factor)
@@ -464,10 +652,12 @@ class JointEncoderPreTrainedModel(PreTrainedModel):
 
 class JointEncoderModel(JointEncoderPreTrainedModel):
     r"""
-    The VL-T5 joint encoder with a retrieval head.
+    The VL-T5 / VL-BART joint encoder with a retrieval head. The same inputs, outputs and head for both backbones
+    (`config.backbone`); only the encoder layers differ (see the module docstring).
 
     Inputs (LXMERT-style names):
-        input_ids (`LongTensor` (B, L), *optional*): text token ids (VL-T5 tokenizer; texts end with `</s>`).
+        input_ids (`LongTensor` (B, L), *optional*): text token ids (VL-T5 tokenizer, texts end with `</s>`; VL-BART:
+            bart-base's + 200 tokens, `<s> ... </s>`). At most `max_position_embeddings` tokens for BART.
         attention_mask (`LongTensor` (B, L), *optional*): 1 for real tokens; defaults to `input_ids != pad_token_id`.
         visual_feats (`FloatTensor` (B, V, feat_dim), *optional*): region / grid features.
         visual_pos (`FloatTensor` (B, V, 4), *optional*): boxes (x1, y1, x2, y2) in [0, 1]; zeros if absent.
@@ -484,11 +674,18 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
     def __init__(self, config: JointEncoderConfig):
         super().__init__(config)
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
-        self.visual_embedding = JointEncoderVisualEmbedding(config)
-        self.block = nn.ModuleList(
-            [JointEncoderBlock(config, has_relative_attention_bias=(i == 0)) for i in range(config.num_layers)]
-        )
-        self.final_layer_norm = JointEncoderLayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        if config.backbone == "bart":
+            # BartLearnedPositionalEmbedding: max_position_embeddings + 2 rows, position i reads row i + 2
+            self.embed_positions = nn.Embedding(config.max_position_embeddings + BART_POSITION_OFFSET, config.d_model)
+            self.layernorm_embedding = _norm(config)
+            self.visual_embedding = JointEncoderVisualEmbedding(config)
+            self.layers = nn.ModuleList([JointEncoderBartLayer(config) for _ in range(config.num_layers)])
+        else:
+            self.visual_embedding = JointEncoderVisualEmbedding(config)
+            self.block = nn.ModuleList(
+                [JointEncoderBlock(config, has_relative_attention_bias=(i == 0)) for i in range(config.num_layers)]
+            )
+            self.final_layer_norm = JointEncoderLayerNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
         self.projection = (
             nn.Linear(config.d_model, config.projection_dim) if config.projection_dim is not None else None
@@ -506,6 +703,11 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
 
     def set_input_embeddings(self, new_embeddings: nn.Embedding):
         self.shared = new_embeddings
+
+    @property
+    def encoder_blocks(self) -> nn.ModuleList:
+        """The encoder's layers, first to last, whatever the backbone (`block` for T5, `layers` for BART)."""
+        return self.layers if self.config.backbone == "bart" else self.block
 
     # -------------------------------------------------------------------------------------------- vision tower
     def freeze_vision_model(self):
@@ -585,6 +787,11 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
                         f"input_ids hold ids in [{low}, {high}] but the vocabulary has {config.vocab_size} entries: "
                         f"use the model's own tokenizer"
                     )
+            if config.backbone == "bart" and input_ids.shape[1] > config.max_position_embeddings:
+                raise ValueError(
+                    f"input_ids has {input_ids.shape[1]} tokens but BART has {config.max_position_embeddings} learned "
+                    f"positions (config.max_position_embeddings): truncate the text (processor max_length)"
+                )
             if attention_mask is not None and attention_mask.shape != input_ids.shape:
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
@@ -685,9 +892,9 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
         self._check_inputs(input_ids, attention_mask, visual_feats, visual_pos, visual_attention_mask,
                            image_order_ids, object_order_ids)
 
-        embeddings, masks = [], []
+        text_length = input_ids.shape[1] if input_ids is not None else 0
+        masks = []
         if input_ids is not None:
-            embeddings.append(self.shared(input_ids))  # (B, L, d) -- no scaling in T5
             if attention_mask is None:
                 attention_mask = (input_ids != config.pad_token_id).long()
             masks.append(attention_mask.long())
@@ -698,25 +905,50 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
             if visual_attention_mask is None:
                 visual_attention_mask = torch.ones(batch_size, num_visual, dtype=torch.long, device=visual_feats.device)
             if config.visual_downsample_size is not None:
-                # VL-Adapter --downsample: 7x7 CLIP grid -> 6x6 by adaptive max pooling; the rest is cut to match
-                size = config.visual_downsample_size
-                visual_feats = _adaptive_grid_pool(visual_feats, size, mode="max")
-                keep = size * size
-                visual_pos = visual_pos[:, :keep]
-                visual_attention_mask = visual_attention_mask[:, :keep]
-                image_order_ids = image_order_ids[:, :keep] if image_order_ids is not None else None
-                object_order_ids = object_order_ids[:, :keep] if object_order_ids is not None else None
-            embedding_dtype = self.shared.weight.dtype
-            embeddings.append(
-                self.visual_embedding(
-                    visual_feats.to(embedding_dtype), visual_pos.to(embedding_dtype), image_order_ids,
-                    object_order_ids, self.shared,
+                # VL-Adapter --downsample: each image's 7x7 CLIP grid -> 6x6 by adaptive max pooling, the rest is cut
+                visual_feats, visual_pos, visual_attention_mask, image_order_ids, object_order_ids = (
+                    _downsample_visual_inputs(
+                        visual_feats, visual_pos, visual_attention_mask, image_order_ids, object_order_ids,
+                        config.visual_downsample_size, config.n_images,
+                    )
                 )
-            )
             masks.append(visual_attention_mask.long())
+        joint_mask = torch.cat(masks, dim=1) if len(masks) > 1 else masks[0]  # (B, L + V)
+        visual_inputs = None
+        if visual_feats is not None:
+            embedding_dtype = self.shared.weight.dtype
+            visual_inputs = (visual_feats.to(embedding_dtype), visual_pos.to(embedding_dtype), image_order_ids,
+                             object_order_ids)
+        # eager when the weights are asked for; else the configured implementation (sdpa, flex_attention, ...)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            "eager" if output_attentions else config._attn_implementation, eager_attention_forward
+        )
+        encode = self._encode_bart if config.backbone == "bart" else self._encode_t5
+        hidden_states, all_hidden_states, all_attentions = encode(
+            input_ids, visual_inputs, joint_mask, attention_interface, output_hidden_states, output_attentions
+        )
+
+        pooled = self.pool(hidden_states, joint_mask, text_length)
+        return JointEncoderOutput(
+            last_hidden_state=hidden_states,
+            pooler_output=pooled,
+            attention_mask=joint_mask,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+    def _encode_t5(self, input_ids, visual_inputs, joint_mask, attention_interface, output_hidden_states,
+                   output_attentions):
+        """VL-T5's `JointEncoder.forward` (j-min/VL-T5 `modeling_t5.py`): cat[token embeddings, visual embedding],
+        dropout, T5 blocks with the relative bias on text x text pairs, final RMS norm, dropout."""
+        config = self.config
+        embeddings = []
+        if input_ids is not None:
+            embeddings.append(self.shared(input_ids))  # (B, L, d) -- no scaling in T5
+        if visual_inputs is not None:
+            embeddings.append(self.visual_embedding(*visual_inputs, self.shared))  # (B, V, d)
         text_length = input_ids.shape[1] if input_ids is not None else 0
         hidden_states = torch.cat(embeddings, dim=1) if len(embeddings) > 1 else embeddings[0]  # (B, L + V, d)
-        joint_mask = torch.cat(masks, dim=1) if len(masks) > 1 else masks[0]  # (B, L + V)
         total_length = hidden_states.shape[1]
 
         # Position bias (text x text only) + additive mask, computed once and shared by every block.
@@ -738,10 +970,6 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
         hidden_states = self.dropout(hidden_states)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        # eager when the weights are asked for; else the configured implementation (sdpa, flex_attention, ...)
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            "eager" if output_attentions else config._attn_implementation, eager_attention_forward
-        )
         for block in self.block:
             hidden_states, weights = block(hidden_states, attention_bias, attention_interface)
             if output_attentions:
@@ -751,15 +979,49 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
         hidden_states = self.dropout(self.final_layer_norm(hidden_states))
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
+        return hidden_states, all_hidden_states, all_attentions
 
-        pooled = self.pool(hidden_states, joint_mask, text_length)
-        return JointEncoderOutput(
-            last_hidden_state=hidden_states,
-            pooler_output=pooled,
-            attention_mask=joint_mask,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-        )
+    def _encode_bart(self, input_ids, visual_inputs, joint_mask, attention_interface, output_hidden_states,
+                     output_attentions):
+        """VL-BART's `JointEncoder.forward` (j-min/VL-T5 `modeling_bart.py` 159-281; VL-Adapter's 589-751):
+        text = layernorm_embedding(embed_tokens(ids) * embed_scale + embed_positions(arange(L) + 2)), visual tokens
+        after it (through layernorm_embedding too with share_vis_lang_layer_norm), ONE dropout over the
+        concatenation, post-norm layers with the additive mask finfo(dtype).min, no final norm."""
+        config = self.config
+        embeddings = []
+        if input_ids is not None:
+            text = self.shared(input_ids)  # (B, L, d)
+            if config.scale_embedding:
+                text = text * math.sqrt(config.d_model)
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device) + BART_POSITION_OFFSET  # (L,)
+            embeddings.append(self.layernorm_embedding(text + self.embed_positions(positions)))  # (B, L, d)
+        if visual_inputs is not None:
+            visual = self.visual_embedding(*visual_inputs, self.shared)  # (B, V, d)
+            if config.share_vis_lang_layer_norm:  # layernorm_embedding(cat[text, visual]): it acts per token
+                visual = self.layernorm_embedding(visual)
+            embeddings.append(visual)
+        hidden_states = torch.cat(embeddings, dim=1) if len(embeddings) > 1 else embeddings[0]  # (B, L + V, d)
+
+        dtype = hidden_states.dtype
+        if joint_mask.device.type == "cpu" and bool(joint_mask.all()):
+            attention_mask = None  # nothing to mask (decided only for CPU tensors: no device synchronisation)
+        else:
+            # transformers 4.2.1 `_expand_mask`: 0 where attended, finfo(dtype).min elsewhere
+            attention_mask = (1.0 - joint_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min  # (B, 1, 1, T)
+            if config._attn_implementation == "flex_attention" and not output_attentions:
+                total_length = hidden_states.shape[1]  # flex reads a tensor mask as [batch][0][query][key]
+                attention_mask = attention_mask.expand(-1, 1, total_length, -1)  # (B, 1, T, T)
+
+        hidden_states = self.dropout(hidden_states)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, weights = layer(hidden_states, attention_mask, attention_interface)
+            if output_attentions:
+                all_attentions += (weights,)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        return hidden_states, all_hidden_states, all_attentions
 
     # ------------------------------------------------------------------------------------------ retrieval head
     def pool(self, hidden_states: torch.Tensor, joint_mask: torch.Tensor, text_length: int) -> torch.Tensor:

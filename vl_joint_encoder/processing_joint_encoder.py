@@ -1,4 +1,6 @@
-"""Processor of the joint encoder: VL-T5 tokenizer + CLIP image processor (PIL backend), or precomputed features.
+"""Processor of the joint encoder: VL-T5 / VL-BART tokenizer + CLIP image processor (PIL backend), or precomputed
+features, fed as the original loaders feed the original encoders (task prefix, pad masking, box normalisation and
+check).
 
 `processor(text=..., images=...)` gives what the frozen vision tower takes (`pixel_values` (B, n, 3, H, W) and
 `pixel_attention_mask` (B, n)); `processor(text=..., visual_feats=..., boxes=..., image_size=...)` gives what
@@ -63,39 +65,90 @@ def _per_query(value: Any, batch_size: int, name: str) -> list:
     return list(value)
 
 
+# VL-T5's loaders (j-min/VL-T5 `src/vqa_data.py` 163-171 and every *_data.py): boxes divided by the image size, then
+# `np.testing.assert_array_less(boxes, 1 + 1e-5)`, `np.testing.assert_array_less(-boxes, 0 + 1e-5)`, then
+# `boxes.clamp_(0.0, 1.0)`. Both comparisons are strict and, with the originals' numpy 1.x (value-based casting),
+# done in float32, the boxes' dtype.
+BOX_TOLERANCE = 1e-5
+
+
 def normalize_boxes(
-    boxes: np.ndarray, image_size: tuple[float, float] | None, tolerance: float = 0.05, where: str = "boxes"
+    boxes: np.ndarray,
+    image_size: tuple[float, float] | None,
+    tolerance: float = BOX_TOLERANCE,
+    where: str = "boxes",
+    clamp: bool = False,
 ) -> np.ndarray:
     """
-    (V, 4) boxes (x1, y1, x2, y2) in pixels of an image of `image_size` = (width, height) -> [0, 1], clamped.
-    With `image_size=None` the boxes must already be normalised. Coordinates outside the image by more than
-    `tolerance` (fraction of its size) raise, since they mean a wrong image_size (e.g. (height, width) swapped) or
-    boxes of another image; smaller overshoots (detectors often give x2 = width + 1) are clamped, as LXMERT does.
+    (V, 4) boxes (x1, y1, x2, y2) in pixels of an image of `image_size` = (width, height) -> [0, 1] float32, as VL-T5's
+    loaders compute them: x / width and y / height rounded to float32 (the originals divide float32 arrays in place),
+    every coordinate checked to lie strictly within (-tolerance, 1 + tolerance) in float32 (the originals'
+    `assert_array_less`, tolerance 1e-5), then clipped to [0, 1]. With `image_size=None` the boxes must already be
+    normalised. A coordinate outside raises a ValueError naming `where` (the image) and the box, since it means a wrong
+    image_size (e.g. (height, width) swapped) or boxes of another image; `clamp=True` clips it to [0, 1] instead.
+    Boxes with x2 < x1 or y2 < y1 raise too (another box layout, e.g. (x, y, w, h)); the originals do not check that.
     """
     boxes = np.asarray(boxes, dtype=np.float64)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"{where} must be (num_boxes, 4) as (x1, y1, x2, y2), got shape {boxes.shape}")
     if not np.isfinite(boxes).all():
         raise ValueError(f"{where} hold NaN or infinite coordinates")
+    pixels = boxes
     if image_size is not None:
         if len(image_size) != 2 or not all(float(s) > 0 for s in image_size):
             raise ValueError(f"image_size for {where} must be (width, height) > 0, got {image_size!r}")
         width, height = float(image_size[0]), float(image_size[1])
+        # float64 division rounded once to float32 = the originals' float32 division, for float32 pixel boxes and
+        # integer sizes (a correctly rounded quotient either way)
         boxes = boxes / np.array([width, height, width, height])
-    if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
-        bad = int(np.flatnonzero((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]))[0])
+    normalised = boxes.astype(np.float32)  # (V, 4)
+    if (normalised[:, 2] < normalised[:, 0]).any() or (normalised[:, 3] < normalised[:, 1]).any():
+        bad = int(np.flatnonzero((normalised[:, 2] < normalised[:, 0]) | (normalised[:, 3] < normalised[:, 1]))[0])
         raise ValueError(
-            f"{where}: box {bad} has x2 < x1 or y2 < y1; boxes must be (x1, y1, x2, y2), not (x, y, w, h) or (y1, x1, ...)"
+            f"{where}: box {bad} {tuple(pixels[bad].tolist())} has x2 < x1 or y2 < y1; boxes must be (x1, y1, x2, y2), "
+            f"not (x, y, w, h) or (y1, x1, ...)"
         )
-    if (boxes < -tolerance).any() or (boxes > 1 + tolerance).any():
-        bad = int(np.flatnonzero(((boxes < -tolerance) | (boxes > 1 + tolerance)).any(axis=1))[0])
+    limit = np.float32(tolerance)
+    inside = (normalised < np.float32(1.0 + tolerance)) & (-normalised < limit)
+    if not inside.all() and not clamp:
+        bad = int(np.flatnonzero(~inside.all(axis=1))[0])
         unit = f"the image of size (width, height) = {tuple(image_size)}" if image_size is not None else "[0, 1]"
         raise ValueError(
-            f"{where}: box {bad} lies outside {unit} by more than {tolerance:.0%}: check that image_size is "
-            f"(width, height) of the image the boxes were detected on"
+            f"{where}: box {bad} {tuple(pixels[bad].tolist())} (normalised {tuple(normalised[bad].tolist())}) lies "
+            f"outside {unit}, beyond the original loaders' tolerance ({tolerance:g} of the image size): check that "
+            f"image_size is (width, height) of the image the boxes were detected on"
             + ("" if image_size is not None else ", or pass image_size for pixel boxes")
+            + ", or pass clamp_boxes=True to clip them to [0, 1]"
         )
-    return np.clip(boxes, 0.0, 1.0).astype(np.float32)
+    return np.clip(normalised, np.float32(0.0), np.float32(1.0))
+
+
+def text_inputs(
+    tokenizer: Any,
+    texts: Sequence[str],
+    text_prefix: str | None = None,
+    mask_pad_tokens: bool = True,
+    **tokenizer_kwargs,
+) -> dict[str, list]:
+    """
+    Token ids and attention mask of `texts`, as the original loaders and encoders build them: the task prefix
+    prepended to each text (`f"vqa: {question}"`, j-min/VL-T5 `src/vqa_data.py:182`) and the mask derived from the ids,
+    `input_ids != pad_token_id` (the originals pass no mask; their encoders compute it, `modeling_t5.py` /
+    `modeling_bart.py` `JointEncoder.forward`), so a literal `<pad>` in a text is masked out as there.
+    `mask_pad_tokens=False` keeps the tokenizer's own mask instead (1 on every non-padding token). THE text encoding
+    of the processor and of the package's batch builder.
+    """
+    texts = list(texts)
+    if text_prefix:
+        texts = [text_prefix + text for text in texts]
+    encoded = tokenizer(texts, **tokenizer_kwargs)
+    input_ids = encoded["input_ids"]
+    if not mask_pad_tokens:
+        return {"input_ids": input_ids, "attention_mask": encoded["attention_mask"]}
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no pad token: the attention mask is derived from pad ids")
+    return {"input_ids": input_ids, "attention_mask": [[int(token != pad) for token in row] for row in input_ids]}
 
 
 def visual_feature_inputs(
@@ -105,15 +158,16 @@ def visual_feature_inputs(
     batch_size: int | None = None,
     feat_dim: int | None = None,
     n_images: int | None = None,
-    box_tolerance: float = 0.05,
+    box_tolerance: float = BOX_TOLERANCE,
     sources: Sequence[str | None] | None = None,
+    clamp_boxes: bool = False,
 ) -> dict[str, np.ndarray]:
     """
     Precomputed features of a batch -> padded model inputs: THE padding of visual tokens, used by the processor and
     by the package's batch builder (`data.inputs`). One entry per query: an array (V, C), a list of arrays (one
     per image), or None; `boxes` / `image_size` alike. Every array is checked (2-D, finite, `feat_dim` features per
-    token, one normalised box per token). `sources` names each query's features in error messages (e.g. the
-    feature-store key); default `visual_feats[q]`.
+    token, one box per token, normalised and checked by `normalize_boxes` with `box_tolerance` / `clamp_boxes`).
+    `sources` names each query's features in error messages (e.g. the feature-store key); default `visual_feats[q]`.
 
     Returns numpy arrays `visual_feats` (B, V_max, C) float32, `visual_pos` (B, V_max, 4) in [0, 1],
     `visual_attention_mask`, `image_order_ids` (index of the image of each token) and `object_order_ids` (index of
@@ -167,7 +221,7 @@ def visual_feature_inputs(
                 b = np.zeros((f.shape[0], 4), dtype=np.float32)
             else:
                 b = normalize_boxes(_as_array(b, where.replace("visual_feats", "boxes")), s, box_tolerance,
-                                    where.replace("visual_feats", "boxes"))
+                                    where.replace("visual_feats", "boxes"), clamp=clamp_boxes)
                 if b.shape[0] != f.shape[0]:
                     raise ValueError(f"{where} has {f.shape[0]} tokens but its boxes have {b.shape[0]}")
             images.append((f, b))
@@ -213,14 +267,24 @@ def _entry_list(entry, n: int, multi: bool, name: str, sizes: bool = False) -> l
 
 class JointEncoderProcessor(ProcessorMixin):
     r"""
-    Tokenizer (VL-T5 layout, see `vl_joint_encoder.tokenization_joint_encoder`) + CLIP image processor (PIL backend, no torchvision).
+    Tokenizer (VL-T5 or VL-BART layout, see `vl_joint_encoder.tokenization_joint_encoder`) + CLIP image processor (PIL
+    backend, no torchvision). It feeds the model what the original loaders fed the original encoder.
 
     Args:
         image_processor: a transformers image processor; defaults to `CLIPImageProcessorPil()` (224 px, CLIP mean/std).
         tokenizer: the model's tokenizer (`len(tokenizer)` must equal the model's `vocab_size`).
         feat_dim (`int`, *optional*): checked against precomputed `visual_feats` (the model's `config.feat_dim`).
         n_images (`int`, *optional*): most images per query (the model's `config.n_images`).
-        box_tolerance (`float`, defaults to 0.05): pixel boxes may overshoot the image by this fraction (then clamped).
+        box_tolerance (`float`, defaults to 1e-5): normalised box coordinates must lie strictly within
+            (-tolerance, 1 + tolerance), as the original loaders assert; then they are clipped to [0, 1].
+        clamp_boxes (`bool`, defaults to False): clip boxes outside the tolerance to [0, 1] instead of raising.
+        text_prefix (`str`, *optional*): the source task's prefix (the model's `config.text_prefix`, e.g. `"vqa: "`),
+            prepended to every text: the originals encode `f"vqa: {question}"`. Passages get it too when they go
+            through this processor; turn it off with `add_text_prefix=False`.
+        add_text_prefix (`bool`, defaults to True): whether `text_prefix` is applied (also a call argument).
+        mask_pad_tokens (`bool`, defaults to True): the attention mask is `input_ids != pad_token_id`, as the original
+            encoders derive it (the original loaders pass no mask), so a literal `<pad>` in a text is masked out;
+            False keeps the tokenizer's mask (1 there).
 
     Call:
         `processor(text=[...], images=[PIL | path | list[...] | None, ...])` -> `input_ids`, `attention_mask`,
@@ -234,7 +298,7 @@ class JointEncoderProcessor(ProcessorMixin):
     Example:
 
     ```python
-    >>> processor = JointEncoderProcessor(tokenizer=tokenizer, feat_dim=model.config.feat_dim)
+    >>> processor = JointEncoderProcessor.from_model_config(model.config, tokenizer)  # feat_dim, n_images, prefix
     >>> batch = processor(text=["who built this?"], images=[photo], return_tensors="pt")
     >>> embedding = model(**batch).pooler_output
     ```
@@ -249,16 +313,26 @@ class JointEncoderProcessor(ProcessorMixin):
         tokenizer=None,
         feat_dim: int | None = None,
         n_images: int | None = None,
-        box_tolerance: float = 0.05,
+        box_tolerance: float = BOX_TOLERANCE,
+        clamp_boxes: bool = False,
+        text_prefix: str | None = None,
+        add_text_prefix: bool = True,
+        mask_pad_tokens: bool = True,
         **kwargs,
     ):
         if image_processor is None:
             image_processor = default_image_processor()
         if tokenizer is None:
             raise ValueError("JointEncoderProcessor needs the model's tokenizer (see vl_joint_encoder.tokenization_joint_encoder)")
+        if text_prefix is not None and not isinstance(text_prefix, str):
+            raise ValueError(f"text_prefix must be a string (e.g. 'vqa: ') or None, got {type(text_prefix).__name__}")
         self.feat_dim = feat_dim
         self.n_images = n_images
         self.box_tolerance = float(box_tolerance)
+        self.clamp_boxes = bool(clamp_boxes)
+        self.text_prefix = text_prefix
+        self.add_text_prefix = bool(add_text_prefix)
+        self.mask_pad_tokens = bool(mask_pad_tokens)
         super().__init__(image_processor, tokenizer, **kwargs)
 
     # -------------------------------------------------------------------------------------------------- call
@@ -274,6 +348,7 @@ class JointEncoderProcessor(ProcessorMixin):
         truncation: bool = True,
         max_length: int | None = None,
         image_processor_kwargs: dict | None = None,
+        add_text_prefix: bool | None = None,
         **tokenizer_kwargs,
     ) -> BatchFeature:
         if images is not None and visual_feats is not None:
@@ -293,13 +368,10 @@ class JointEncoderProcessor(ProcessorMixin):
         data: dict[str, Any] = {}
         batch_size = None
         if texts is not None:
-            if not all(isinstance(t, str) for t in texts):
-                raise ValueError("text must be a string or a list of strings")
-            encoded = self.tokenizer(
-                texts, padding=padding, truncation=truncation, max_length=max_length, **tokenizer_kwargs
+            data.update(
+                self.encode_text(texts, padding=padding, truncation=truncation, max_length=max_length,
+                                 add_text_prefix=add_text_prefix, **tokenizer_kwargs)
             )
-            data["input_ids"] = encoded["input_ids"]
-            data["attention_mask"] = encoded["attention_mask"]
             batch_size = len(texts)
         if images is not None:
             if not isinstance(images, (list, tuple)):
@@ -308,6 +380,20 @@ class JointEncoderProcessor(ProcessorMixin):
         if visual_feats is not None:
             data.update(self._process_features(visual_feats, boxes, image_size, batch_size))
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def encode_text(
+        self, texts: Sequence[str], add_text_prefix: bool | None = None, return_tensors: str | None = None, **kwargs
+    ) -> BatchFeature:
+        """`input_ids` and `attention_mask` of `texts` (prefix and pad masking as configured, see `text_inputs`);
+        `kwargs` go to the tokenizer (padding, truncation, max_length, ...)."""
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError("text must be a string or a list of strings")
+        use_prefix = self.add_text_prefix if add_text_prefix is None else add_text_prefix
+        encoded = text_inputs(
+            self.tokenizer, texts, text_prefix=self.text_prefix if use_prefix else None,
+            mask_pad_tokens=self.mask_pad_tokens, **kwargs,
+        )
+        return BatchFeature(data=encoded, tensor_type=return_tensors)
 
     # ------------------------------------------------------------------------------------------------ images
     def _process_images(self, images: list, batch_size: int | None, image_processor_kwargs: dict) -> dict:
@@ -348,7 +434,8 @@ class JointEncoderProcessor(ProcessorMixin):
     # -------------------------------------------------------------------------------------- precomputed features
     def _process_features(self, visual_feats, boxes, image_size, batch_size: int | None) -> dict:
         return visual_feature_inputs(
-            visual_feats, boxes, image_size, batch_size, self.feat_dim, self.n_images, self.box_tolerance
+            visual_feats, boxes, image_size, batch_size, self.feat_dim, self.n_images, self.box_tolerance,
+            clamp_boxes=self.clamp_boxes,
         )
 
     # ------------------------------------------------------------------------------------------ pass-throughs
@@ -360,9 +447,11 @@ class JointEncoderProcessor(ProcessorMixin):
 
     @classmethod
     def from_model_config(cls, config, tokenizer, image_processor=None, **kwargs) -> JointEncoderProcessor:
-        """A processor whose checks match `config` (feat_dim, n_images) and, with a vision tower, its image size."""
+        """A processor whose checks match `config` (feat_dim, n_images), applying its `text_prefix`, and, with a vision
+        tower, at its image size."""
         if image_processor is None and getattr(config, "vision_config", None) is not None:
             image_processor = image_processor_for_config(config)
+        kwargs.setdefault("text_prefix", getattr(config, "text_prefix", None))
         return cls(image_processor, tokenizer, feat_dim=config.feat_dim, n_images=config.n_images, **kwargs)
 
 
@@ -371,9 +460,11 @@ def _is_pil(image: Any) -> bool:
 
 
 __all__ = [
+    "BOX_TOLERANCE",
     "JointEncoderProcessor",
     "default_image_processor",
     "image_processor_for_config",
     "normalize_boxes",
+    "text_inputs",
     "visual_feature_inputs",
 ]

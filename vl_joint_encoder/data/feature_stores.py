@@ -6,9 +6,15 @@ A feature store maps an image key (the `image` cell of a query or passage) to it
 
 - a `.npz` / `.safetensors` file: key `NAME` -> features (V, C), optional key `NAME.visual_pos` -> boxes (V, 4);
 - a `vl-joint-encoder extract-features` output folder (`manifest.json` + shards; written by `data.extraction`);
-- an HDF5 file in the VL-T5 / LXMERT Faster R-CNN layout (a group per image id with `features`, `boxes` in pixels,
-  `img_h`, `img_w`; boxes normalised as VL-T5 does) or the VL-Adapter CLIP-grid layout (a group per image id with
-  `features`; zero boxes) (j-min/VL-T5 `src/*_data.py`, ylsung/VL_adapter `feature_extraction/`);
+- the layouts the original projects write, read as their loaders read them (docs/visual_features.md):
+  - VL-T5 / LXMERT Faster R-CNN HDF5 (`train2014_obj36.h5`: a group per image id with `features` (36, 2048),
+    `boxes` in pixels, `img_h`, `img_w`): exactly `n_boxes` (36) features, boxes divided by the image size and checked
+    against the original tolerance (`FasterRCNNFeatures`, j-min/VL-T5 `src/vqa_data.py` 145-171);
+  - LXMERT's TSV (`val2014_obj36.tsv`), read through the layout the originals' `tsv_to_h5.py` converts it to, so
+    the same as that HDF5 file (`LXMERTTSVFeatures`; `tsv_to_h5` writes the file itself);
+  - VL-Adapter's CLIP grids: a folder of one file per image (`data_clip_RN101_att/{img_id}.h5`, group `img_id`,
+    dataset `features` (49, 2048) float16; `PerImageCLIPFeatures`, ylsung/VL_adapter `feature_extraction/coco_CLIP.py`
+    and `VL-T5/src/vqa_clip_data.py` 159-191), or one file with a group per image (`CLIPGridFeatures`); zero boxes;
 - a store already opened, or any mapping key -> array (V, C) or -> dict as above.
 
 A single image may also point to its own feature file (`.npy` / `.npz` / `.safetensors`), read by
@@ -25,14 +31,26 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from transformers.utils import logging
 
-from ..processing_joint_encoder import normalize_boxes
+from ..processing_joint_encoder import BOX_TOLERANCE
 from ..utils.io import read_json
+from .original_features import (
+    HDF5_SUFFIXES,
+    N_BOXES,
+    TSV_SUFFIXES,
+    CLIPGridFeatures,
+    FasterRCNNFeatures,
+    LXMERTTSVFeatures,
+    PerImageCLIPFeatures,
+    clip_grid_entry,
+    faster_rcnn_entry,
+    open_feature_file,
+    tsv_to_h5,
+)
 
 
 logger = logging.get_logger(__name__)
 
 FEATURE_FILE_SUFFIXES = (".npy", ".npz", ".safetensors")
-HDF5_SUFFIXES = (".h5", ".hdf5")
 # the extract-features folder layout (written by data.extraction, read by ExtractedFeatureStore)
 EXTRACTION_MANIFEST = "manifest.json"
 EXTRACTED_ARRAYS = ("visual_feats", "visual_pos", "pooled")
@@ -191,186 +209,63 @@ class ExtractedFeatureStore:
         return {key: np.asarray(record[key], dtype=np.float32) for key in EXTRACTED_ARRAYS}
 
 
-# ------------------------------------------------------------------------------------------------ HDF5 layouts
-def _import_h5py():
-    try:
-        import h5py
-    except ImportError:
-        raise ImportError(
-            "reading HDF5 feature files needs h5py: pip install h5py (or pip install 'vl-joint-encoder[hdf5]')"
-        ) from None
-    return h5py
-
-
-class _HDF5Features:
-    """A file with one group per image id (the layouts of VL-T5 / LXMERT and VL-Adapter)."""
-
-    required: tuple[str, ...] = ("features",)
-    layout = ""
-
-    def __init__(self, path: str | os.PathLike, feat_dim: int | None = None, box_tolerance: float = 0.05):
-        self.path = os.fspath(path)
-        self.feat_dim = feat_dim
-        self.box_tolerance = box_tolerance
-        self._h5py = _import_h5py()
-        if not os.path.isfile(self.path):
-            raise ValueError(f"feature file {self.path!r} does not exist")
-        self._file = None
-        self._pid = None
-        try:
-            first = next(iter(self._handle()), None)
-        except OSError as error:
-            raise ValueError(f"{self.path!r} is not a readable HDF5 file ({error})") from None
-        if first is None:
-            raise ValueError(f"{self.path!r} holds no image group")
-        self._check_group(first)
-
-    def _handle(self):
-        # h5py handles must not cross a fork (DataLoader workers): reopen in each process
-        if self._file is None or self._pid != os.getpid():
-            self._file = self._h5py.File(self.path, "r")
-            self._pid = os.getpid()
-        return self._file
-
-    def _check_group(self, image_id: str):
-        group = self._handle()[image_id]
-        if not isinstance(group, self._h5py.Group):
-            raise ValueError(
-                f"{self.path!r}: {image_id!r} is a dataset, not a group: expected one group per image id with "
-                f"{list(self.required)} ({self.layout} layout)"
-            )
-        missing = [name for name in self.required if name not in group]
-        if missing:
-            raise ValueError(
-                f"{self.path!r}: group {image_id!r} lacks {missing} (has {sorted(group.keys())}); the {self.layout} "
-                f"layout needs {list(self.required)} per image id"
-            )
-
-    def __len__(self) -> int:
-        return len(self._handle())
-
-    def __contains__(self, image_id: object) -> bool:
-        return str(image_id) in self._handle()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._handle().keys())
-
-    def keys(self) -> list[str]:
-        return list(self._handle().keys())
-
-    def _features(self, image_id: str) -> np.ndarray:
-        image_id = str(image_id)
-        if image_id not in self._handle():
-            raise KeyError(f"image id {image_id!r} is not in {self.path!r} ({len(self)} images)")
-        self._check_group(image_id)
-        feats = np.asarray(self._handle()[image_id]["features"][()], dtype=np.float32)
-        if feats.ndim != 2:
-            raise ValueError(f"{self.path!r}: {image_id}/features must be (num_tokens, dim), got shape {feats.shape}")
-        if not np.isfinite(feats).all():
-            raise ValueError(f"{self.path!r}: {image_id}/features holds NaN or infinite values (corrupt file)")
-        if self.feat_dim is not None and feats.shape[1] != self.feat_dim:
-            raise ValueError(
-                f"{self.path!r}: {image_id}/features has {feats.shape[1]} features per token but the model expects "
-                f"feat_dim={self.feat_dim}: these features come from another backbone"
-            )
-        return feats
-
-    def close(self):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-class FasterRCNNFeatures(_HDF5Features):
-    """VL-T5 / LXMERT Faster R-CNN region features: `reader[image_id]` -> visual_feats (36, 2048), visual_pos (36, 4).
-
-    VL-T5 divides x by img_w and y by img_h, asserts the result lies in [-1e-5, 1 + 1e-5] and clips to [0, 1]; here
-    the same, with a clear error (`box_tolerance`) instead of an assert."""
-
-    required = ("features", "boxes", "img_h", "img_w")
-    layout = "VL-T5/LXMERT Faster R-CNN"
-
-    def __getitem__(self, image_id: str) -> dict[str, np.ndarray]:
-        feats = self._features(image_id)
-        group = self._handle()[str(image_id)]
-        boxes = np.asarray(group["boxes"][()], dtype=np.float64)  # (V, 4) pixels
-        height, width = float(np.asarray(group["img_h"][()])), float(np.asarray(group["img_w"][()]))
-        if boxes.shape != (feats.shape[0], 4):
-            raise ValueError(
-                f"{self.path!r}: {image_id}/boxes has shape {boxes.shape}, expected ({feats.shape[0]}, 4) to match "
-                f"its features"
-            )
-        visual_pos = normalize_boxes(boxes, (width, height), self.box_tolerance, where=f"{self.path}: {image_id}/boxes")
-        return {"visual_feats": feats, "visual_pos": visual_pos, "image_size": np.array([width, height])}
-
-
-class CLIPGridFeatures(_HDF5Features):
-    """VL-Adapter CLIP grid features: `reader[image_id]` -> visual_feats (49, C), visual_pos zeros (49, 4)."""
-
-    required = ("features",)
-    layout = "VL-Adapter CLIP"
-
-    def __getitem__(self, image_id: str) -> dict[str, np.ndarray]:
-        feats = self._features(image_id)
-        return {"visual_feats": feats, "visual_pos": np.zeros((feats.shape[0], 4), dtype=np.float32)}
-
-
-def open_feature_file(path: str | os.PathLike, feat_dim: int | None = None, **kwargs) -> _HDF5Features:
-    """Open an HDF5 feature file, telling the layout from its first group (boxes + img_h/img_w: Faster R-CNN)."""
-    h5py = _import_h5py()
-    if not os.path.isfile(path):
-        raise ValueError(f"feature file {os.fspath(path)!r} does not exist")
-    try:
-        with h5py.File(path, "r") as handle:
-            first = next(iter(handle), None)
-            keys = set(handle[first].keys()) if first is not None and isinstance(handle[first], h5py.Group) else set()
-    except OSError as error:
-        raise ValueError(f"{os.fspath(path)!r} is not a readable HDF5 file ({error})") from None
-    if {"boxes", "img_h", "img_w"} <= keys:
-        return FasterRCNNFeatures(path, feat_dim=feat_dim, **kwargs)
-    return CLIPGridFeatures(path, feat_dim=feat_dim, **kwargs)
-
-
 # ------------------------------------------------------------------------------------------------ the opener
 def _is_store(value: Any) -> bool:
     return all(hasattr(value, name) for name in ("__contains__", "__getitem__", "keys", "path"))
 
 
-def open_feature_store(source: Any) -> FeatureStore | None:
+def open_feature_store(
+    source: Any,
+    *,
+    n_boxes: int | None = N_BOXES,
+    box_tolerance: float = BOX_TOLERANCE,
+    clamp_boxes: bool = False,
+    feat_dim: int | None = None,
+) -> FeatureStore | None:
     """
     Any accepted source (see the module docstring) -> a `FeatureStore`, or None for None. Paths are opened once; a
     store passes through unchanged, so callers can open what they are given without re-reading files.
+
+    The options apply to the original projects' layouts: `n_boxes` (Faster R-CNN HDF5 / TSV: features per image read
+    exactly, 36 as VL-T5's loaders; None reads every row), `box_tolerance` / `clamp_boxes` (boxes outside the originals'
+    tolerance raise, or are clipped), `feat_dim` (checked on read).
     """
     if source is None:
         return None
     if isinstance(source, (str, os.PathLike)):
         path = os.path.abspath(os.fspath(source))
+        options = dict(n_boxes=n_boxes, box_tolerance=box_tolerance, clamp_boxes=clamp_boxes)
         if os.path.isdir(path):
             if os.path.isfile(os.path.join(path, EXTRACTION_MANIFEST)):
                 return ExtractedFeatureStore(path)
+            with os.scandir(path) as entries:
+                has_h5 = any(e.name.endswith(".h5") for e in entries)
+            if has_h5:
+                return PerImageCLIPFeatures(path, feat_dim=feat_dim)
             raise ValueError(
-                f"feature store {path!r} is a folder without {EXTRACTION_MANIFEST}: give an extract-features output "
-                f"folder, or a .npz / .safetensors / .h5 file of features"
+                f"feature store {path!r} is a folder without {EXTRACTION_MANIFEST} and without .h5 files: give an "
+                f"extract-features output folder, VL-Adapter's per-image folder (data_clip_RN101_att/{{img_id}}.h5), "
+                f"or a .npz / .safetensors / .h5 / .tsv file of features"
             )
         if not os.path.isfile(path):
             raise ValueError(
-                f"feature store {path!r} does not exist: give the .npz / .safetensors / .h5 file of features or an "
-                f"extract-features output folder"
+                f"feature store {path!r} does not exist: give the .npz / .safetensors / .h5 / .tsv file of features, "
+                f"VL-Adapter's per-image folder or an extract-features output folder"
             )
-        if path.lower().endswith(HDF5_SUFFIXES):
-            return open_feature_file(path)
+        if path.lower().endswith(HDF5_SUFFIXES + TSV_SUFFIXES):
+            return open_feature_file(path, feat_dim=feat_dim, **options)
         if path.lower().endswith((".npz", ".safetensors")):
             return load_array_store(path)
         raise ValueError(
-            f"feature store {path!r}: unknown kind of file; give a .npz, .safetensors or .h5 file, or an "
-            f"extract-features output folder"
+            f"feature store {path!r}: unknown kind of file; give a .npz, .safetensors, .h5 or LXMERT .tsv file, "
+            f"VL-Adapter's per-image folder, or an extract-features output folder"
         )
     if _is_store(source):
         return source
     if isinstance(source, Mapping) or all(hasattr(source, name) for name in ("__contains__", "__getitem__", "keys")):
         return MappingFeatureStore(source, getattr(source, "path", None))
     raise ValueError(
-        "feature_store must be a .npz / .safetensors / .h5 path, an extract-features folder or a mapping key -> "
+        "feature_store must be a .npz / .safetensors / .h5 / .tsv path, a feature folder or a mapping key -> "
         f"features, got {type(source).__name__}"
     )
 
@@ -403,12 +298,18 @@ __all__ = [
     "ExtractedFeatureStore",
     "FasterRCNNFeatures",
     "FeatureStore",
+    "LXMERTTSVFeatures",
     "MappingFeatureStore",
+    "N_BOXES",
+    "PerImageCLIPFeatures",
+    "clip_grid_entry",
     "describe_store",
+    "faster_rcnn_entry",
     "feature_store_fingerprint",
     "load_array_store",
     "load_feature_file",
     "open_feature_file",
     "open_feature_store",
     "referenced_store_keys",
+    "tsv_to_h5",
 ]

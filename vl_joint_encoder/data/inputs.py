@@ -3,7 +3,8 @@
 `JointEncoderInputBuilder` turns one side of a batch (queries or passages) into what `JointEncoderModel.forward`
 takes. Image files and PIL images go through a `JointEncoderProcessor` (the model then has a vision tower);
 precomputed features (feature-store keys, feature files, inline arrays) are padded by the processor's own
-`visual_feature_inputs`, so that the package's batches and `processor(text=..., visual_feats=...)` are the same.
+`visual_feature_inputs`, and texts are encoded by the processor's `text_inputs` (task prefix, `input_ids != pad` mask),
+so that the package's batches and `processor(text=..., visual_feats=...)` are the same.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers import BatchFeature
 
-from ..processing_joint_encoder import visual_feature_inputs
+from ..processing_joint_encoder import text_inputs, visual_feature_inputs
 from .feature_stores import FeatureStore, open_feature_store
 from .references import resolve_visual
 
@@ -71,7 +73,13 @@ class JointEncoderInputBuilder:
                     max_length=self.max_length,
                 )
             )
-        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
+        # the processor's text encoding (task prefix, pad masking); a bare tokenizer gets the pad masking only
+        text_kwargs = dict(return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
+        if hasattr(self.processing_class, "encode_text"):
+            encoded = self.processing_class.encode_text(texts, **text_kwargs)
+        else:
+            encoded = BatchFeature(text_inputs(self.tokenizer, texts, **{**text_kwargs, "return_tensors": None}),
+                                   tensor_type="pt")
         inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         if kinds == {"features"}:
             features = [item[1] if item is not None else None for item in resolved]

@@ -1,5 +1,6 @@
 """The demo's small joint encoder: a locally trained VL-T5-layout tokenizer, a tiny *frozen, random* CLIP vision
-tower, and T5 blocks on top, sized to train in a few minutes on a laptop CPU.
+tower, and T5 blocks on top (or, with `TinyModelSize(backbone="bart")`, a VL-BART-layout tokenizer and BART layers),
+sized to train in a few minutes on a laptop CPU.
 
 Why a random frozen tower can work: CLIP's first step is a linear projection of each pixel patch (a random projection
 keeps colours and edges apart), followed by a position embedding and a layer norm; with `vision_feature_layer=0` the
@@ -30,6 +31,7 @@ class TinyModelSize:
     num_heads: int = 4
     vocab_size: int = 400
     dropout_rate: float = 0.0
+    backbone: str = "t5"  # "bart": VL-BART's encoder layers and a BART-layout tokenizer
 
 
 def build_tiny_model(texts: Iterable[str], size: TinyModelSize = TinyModelSize(), seed: int = 0):
@@ -43,9 +45,14 @@ def build_tiny_model(texts: Iterable[str], size: TinyModelSize = TinyModelSize()
     from ..configuration_joint_encoder import JointEncoderConfig
     from ..modeling_joint_encoder import JointEncoderModel
     from ..processing_joint_encoder import JointEncoderProcessor
-    from ..tokenization_joint_encoder import train_vl_t5_tokenizer
+    from ..tokenization_joint_encoder import train_vl_bart_tokenizer, train_vl_t5_tokenizer
 
-    tokenizer = train_vl_t5_tokenizer(texts, vocab_size=size.vocab_size)
+    if size.backbone == "bart":
+        tokenizer = train_vl_bart_tokenizer(texts, vocab_size=size.vocab_size)
+        backbone_kwargs = dict(backbone="bart", max_position_embeddings=128)
+    else:
+        tokenizer = train_vl_t5_tokenizer(texts, vocab_size=size.vocab_size)
+        backbone_kwargs = dict(relative_attention_num_buckets=16, relative_attention_max_distance=32)
     vision_config = CLIPVisionConfig(
         hidden_size=size.vision_hidden_size,
         intermediate_size=2 * size.vision_hidden_size,
@@ -61,8 +68,6 @@ def build_tiny_model(texts: Iterable[str], size: TinyModelSize = TinyModelSize()
         d_ff=2 * size.d_model,
         num_layers=size.num_layers,
         num_heads=size.num_heads,
-        relative_attention_num_buckets=16,
-        relative_attention_max_distance=32,
         dropout_rate=size.dropout_rate,
         feat_dim=size.vision_hidden_size,
         n_images=1,
@@ -71,6 +76,7 @@ def build_tiny_model(texts: Iterable[str], size: TinyModelSize = TinyModelSize()
         pooling="mean",
         similarity="cosine",
         logit_scale=20.0,
+        **backbone_kwargs,
     )
     torch.manual_seed(seed)
     model = JointEncoderModel(config)

@@ -40,8 +40,8 @@ def apply_freezing(
     Args:
         freeze_token_embeddings: freeze `shared` (the token embedding; its last rows are also the object-order
             embedding of visual tokens, so those freeze too).
-        freeze_first_n_blocks: freeze the first N T5 blocks (and the token embedding below them when N > 0 is
-            combined with `freeze_token_embeddings`).
+        freeze_first_n_blocks: freeze the first N encoder blocks, T5 blocks or BART layers (and the token embedding
+            below them when N > 0 is combined with `freeze_token_embeddings`).
         train_only: `"adapters"` trains only adapters + visual embedding + layer norms (VL-Adapter; needs
             `config.adapter_reduction_factor`) and the projection head if any; `"projection"` trains only the
             projection head (needs `config.projection_dim`).
@@ -68,13 +68,13 @@ def apply_freezing(
             if train_only == "adapters":
                 encoder.visual_embedding.requires_grad_(True)
                 for name, module in encoder.named_modules():
-                    if name.endswith("adapter") or name.endswith("layer_norm"):
+                    if name.endswith(("adapter", "layer_norm", "layernorm_embedding")):  # BART's embedding norm too
                         module.requires_grad_(True)
             if encoder.projection is not None:
                 encoder.projection.requires_grad_(True)
         if freeze_token_embeddings:
             encoder.shared.requires_grad_(False)
-        for block in encoder.block[:freeze_first_n_blocks]:
+        for block in encoder.encoder_blocks[:freeze_first_n_blocks]:
             block.requires_grad_(False)
         encoder.freeze_vision_model()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -36,6 +36,15 @@ CITATIONS = {
   year      = {2022},
   url       = {https://arxiv.org/abs/2112.06825}
 }""",
+    "bart": """@inproceedings{lewis2020bart,
+  title     = {{BART}: Denoising Sequence-to-Sequence Pre-training for Natural Language Generation, Translation, and
+               Comprehension},
+  author    = {Lewis, Mike and Liu, Yinhan and Goyal, Naman and Ghazvininejad, Marjan and Mohamed, Abdelrahman and
+               Levy, Omer and Stoyanov, Veselin and Zettlemoyer, Luke},
+  booktitle = {Proceedings of the 58th Annual Meeting of the Association for Computational Linguistics (ACL)},
+  year      = {2020},
+  url       = {https://aclanthology.org/2020.acl-main.703}
+}""",
     "t5": """@article{raffel2020t5,
   title   = {Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer},
   author  = {Raffel, Colin and Shazeer, Noam and Roberts, Adam and Lee, Katherine and Narang, Sharan and
