@@ -17,10 +17,6 @@ from vl_joint_encoder.demo.run import chance_mrr_at_10
 from vl_joint_encoder.demo.toy_world import build_toy_world, write_toy_world
 
 
-SMALL = ["--num-entities", "16", "--num-unseen-entities", "4", "--train-renderings", "4", "--max-steps", "160",
-         "--eval-steps", "80"]
-
-
 def hand_mrr_at_10(run: dict, qrels: dict) -> float:
     """Reference MRR@10: rank passages by score (ties: the order written), reciprocal rank of the first relevant."""
     values = []
@@ -29,14 +25,6 @@ def hand_mrr_at_10(run: dict, qrels: dict) -> float:
         ranks = [rank for rank, (pid, _) in enumerate(ranked, 1) if relevant.get(pid, 0) > 0]
         values.append(1.0 / ranks[0] if ranks else 0.0)
     return float(np.mean(values))
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    output_dir = str(tmp_path_factory.mktemp("demo"))
-    assert main(SMALL + ["--output-dir", output_dir, "--overwrite"]) == 0
-    with open(os.path.join(output_dir, "results.json")) as f:
-        return output_dir, json.load(f)
 
 
 def table(results):
@@ -161,13 +149,13 @@ def test_demo_learns_and_needs_the_image(demo_run):
 
 @pytest.mark.slow
 def test_demo_outputs_load_with_auto_classes_in_a_fresh_process(demo_run):
-    """model/ loads with AutoModel (remote code) + AutoProcessor where the package is NOT importable, and scores a
-    test query's top passage as the run file says."""
+    """model/ loads with AutoModel (remote code) + AutoProcessor where the package is NOT importable, scores a
+    test query's top passage as the run file says, and its model card's usage snippet runs as written there."""
     output_dir, _ = demo_run
     for name in ("training.png", "queries.png"):
         assert open(os.path.join(output_dir, name), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.isfile(os.path.join(output_dir, "embeddings", "manifest.json"))
-    assert not os.path.exists(os.path.join(output_dir, "model.partial"))
+    assert not [name for name in os.listdir(output_dir) if "tmp" in name or "partial" in name]
     run = json.load(open(os.path.join(output_dir, "runs", "test.trained.json")))
     query = json.loads(open(os.path.join(output_dir, "data", "test.jsonl")).readline())
     top_id, top_score = max(run[query["id"]].items(), key=lambda item: item[1])
@@ -195,10 +183,15 @@ def test_demo_outputs_load_with_auto_classes_in_a_fresh_process(demo_run):
             score = model.similarity(model.encode(**q), model.encode(**p)).item()
         print(repr(score))
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            cwd=os.path.dirname(output_dir))
+    card = open(os.path.join(output_dir, "model", "README.md")).read()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "Image" in snippet and "processor(" in snippet and "model.encode" in snippet
+    result = subprocess.run([sys.executable, "-c", script + "\n" + snippet], capture_output=True, text=True,
+                            cwd=os.path.dirname(output_dir))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(top_score, abs=1e-4)
+    score_line, snippet_line = result.stdout.strip().splitlines()[-2:]
+    assert float(score_line) == pytest.approx(top_score, abs=1e-4)
+    assert snippet_line.startswith("torch.Size([1, 64]) ")  # the snippet's embedding of one image + one question
 
 
 def test_demo_is_reproducible(tmp_path):
@@ -225,3 +218,36 @@ def test_tokenizer_training_is_deterministic():
     texts = [row["text"] for row in world.kb] + [row["question"] for row in world.splits["train"]]
     serialized = {train_vl_t5_tokenizer(texts, vocab_size=400).backend_tokenizer.to_str() for _ in range(4)}
     assert len(serialized) == 1
+
+
+# ------------------------------------------------------------------------------------------------ the model card
+@pytest.mark.slow
+def test_demo_model_card_is_the_runs(demo_run):
+    """Named after the final folder, numbers of this run (steps, batch, hard negatives configured vs candidates);
+    its snippet runs in test_demo_outputs_load_with_auto_classes_in_a_fresh_process."""
+    output_dir, results = demo_run
+    card = open(os.path.join(output_dir, "model", "README.md")).read()
+    assert "\n# model\n" in card and "partial" not in card and ".tmp" not in card
+    log = results["log_history"]
+    steps = max(row["step"] for row in log if "loss" in row)
+    assert f"| steps trained | {steps} (" in card
+    assert "| hard negatives drawn per query and step | 1 |" in card  # --hard-negatives 1 ...
+    assert "| hard-negative candidates per query (mean) | 15.00 |" in card  # ... drawn from the 15 other entities
+    assert "| global batch | 32 queries" in card
+    first, last = [row for row in log if "loss" in row][0], [row for row in log if "loss" in row][-1]
+    assert f"{first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']})" in card
+
+
+@pytest.mark.slow
+def test_demo_output_ends_with_the_commands_that_reuse_it(demo_run, tmp_path, capsys, monkeypatch):
+    """The printed next steps run on the demo's outputs (search, then evaluate the run it wrote)."""
+    from vl_joint_encoder.cli import main as cli_main
+    from vl_joint_encoder.demo.run import next_steps
+
+    output_dir, _ = demo_run
+    monkeypatch.chdir(tmp_path)
+    search, evaluate = next_steps(output_dir)[:2]
+    assert cli_main(search.split()[1:]) == 0
+    assert cli_main(evaluate.split()[1:]) == 0
+    printed = capsys.readouterr().out
+    assert "mrr@10" in printed

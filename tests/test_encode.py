@@ -161,7 +161,14 @@ def test_two_process_accelerate_launch_equals_one_process(saved_model, tmp_path)
     kb = make_kb()
     with open(tmp_path / "kb.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kb)
-    run_encode(saved_model, kb, tmp_path / "one", model_name=model_path)
+    # bitwise equality is the claim, so both runs use one thread per process: a CPU matmul's reduction order (and so
+    # its last bits) depends on how many threads split it
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_encode(saved_model, kb, tmp_path / "one", model_name=model_path)
+    finally:
+        torch.set_num_threads(threads)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",

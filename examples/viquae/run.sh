@@ -6,6 +6,7 @@
 # or a save_to_disk copy;  DIR: the images folder.
 # --small: a tiny random starting model built offline, CPU settings for a KB of ~1,000 passages (minutes on 2 cores).
 # Full scale: VIQUAE_START_MODEL=<a joint encoder with a CLIP tower> (see README "ViQuAE"), VIQUAE_GPUS (default 1).
+# VIQUAE_MAX_STEPS=N: stop training after N steps (a quick check of the whole pipeline).
 # Writes OUT/qrels.test.json (provenance relevance) and OUT/metrics.json ({system: {metric: value}}, test split,
 # answer-extended fused qrels) for bm25, dense, dense-text-only, fused (gzmuv wsum tuned on validation), fused-rrf.
 set -euo pipefail
@@ -50,12 +51,13 @@ fi
 
 step "3. train on BM25 positives / negatives"
 t1=$(seconds)
+steps=""; [ -n "${VIQUAE_MAX_STEPS:-}" ] && steps="--max_steps $VIQUAE_MAX_STEPS"
 if [ ! -f "$out/model/config.json" ]; then
   if [ "$small" = 1 ]; then
-    $VJE viquae-train "$here/train_small.yaml" --model_name_or_path "$start" $data --output_dir "$out/model"
+    $VJE viquae-train "$here/train_small.yaml" --model_name_or_path "$start" $data --output_dir "$out/model" $steps
   else
     accelerate launch --multi_gpu --num_processes "${VIQUAE_GPUS:-1}" -m vl_joint_encoder viquae-train \
-      "$here/train.yaml" --model_name_or_path "$start" $data --output_dir "$out/model"
+      "$here/train.yaml" --model_name_or_path "$start" $data --output_dir "$out/model" $steps
   fi
 fi
 

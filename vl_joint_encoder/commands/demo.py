@@ -74,7 +74,7 @@ class DemoArguments:
 def demo(args: DemoArguments) -> int:
     import torch
 
-    from ..demo.run import format_results_table, run_demo
+    from ..demo.run import format_results_table, next_steps, run_demo
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.num_threads)
@@ -87,9 +87,15 @@ def demo(args: DemoArguments) -> int:
     print(f"chance level of the text-only ablation (the asked fact of a random entity): MRR@10 = "
           f"{results['chance_mrr@10_text_only']:.3f}")
     timings = results["timings"]
-    print(f"\ntime: {timings['total_s']:.0f} s in all (training {timings['train_s']:.0f} s) on {results['device']}")
-    print(f"outputs in {args.output_dir}/: model/ (AutoModel + AutoProcessor), embeddings/, runs/, data/, "
-          f"{RESULTS}" + ("" if args.no_plots else ", training.png, queries.png"))
+    print(f"measured on {results['machine']} (seed {args.seed}): the same machine and seed give the same numbers; "
+          f"another machine may differ by up to ~0.02 (floating-point sums in another order)")
+    print(f"time: {timings['total_s']:.0f} s in all (training {timings['train_s']:.0f} s)")
+    print(f"\noutputs in {args.output_dir}/: model/ (AutoModel + AutoProcessor, README.md model card), embeddings/ "
+          f"(the KB encoded), runs/, data/ (the package's data format), {RESULTS}"
+          + ("" if args.no_plots else ", training.png, queries.png"))
+    print("\nnext steps, reusing these outputs:")
+    for line in next_steps(args.output_dir):
+        print(f"  {line}")
     return 0
 
 

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import os
 import sys
@@ -38,45 +37,17 @@ def help_text(command: str) -> str:
 
 
 def train_options(command: str = "train") -> str:
-    """`train` / `viquae-train` accept every `TrainingArguments` option; the reference lists the ones this package
-    adds."""
-    from transformers import TrainingArguments
+    """`COMMAND --help` up to the TrainingArguments section (the package's options), then one line for the rest."""
+    from .train import TRAINING_ARGUMENTS_TITLE
 
-    from ..training.arguments import JointEncoderTrainingArguments
-    from .train import DataArguments, ModelArguments
-
-    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
-    if command == "train":
-        groups = (ModelArguments, DataArguments, JointEncoderTrainingArguments)
-        example = "--model_name_or_path M --train_queries Q --kb KB --output_dir OUT [...]"
-    else:
-        from .viquae_common import ViquaeInputArguments, ViquaeSourceArguments
-        from .viquae_train import ViquaeTrainArguments
-
-        groups = (ModelArguments, ViquaeSourceArguments, ViquaeInputArguments, ViquaeTrainArguments,
-                  JointEncoderTrainingArguments)  # fmt: skip
-        example = "--model_name_or_path M --questions PREPARED --output_dir OUT [...]"
-    lines = [
-        f"usage: vl-joint-encoder {command} CONFIG.yaml|CONFIG.json [--option value ...]",
-        f"       vl-joint-encoder {command} {example}",
-        "",
-        f"Every transformers TrainingArguments option is accepted (see `vl-joint-encoder {command} --help`), plus:",
-    ]
-    for group in groups:
-        lines.append(f"\n{group.__name__}:")
-        for field in dataclasses.fields(group):
-            if not field.init or (
-                group is JointEncoderTrainingArguments and field.name in inherited and field.name != "remove_unused_columns"
-            ):
-                continue
-            if field.default is not dataclasses.MISSING:
-                default = f" (default: {field.default!r})"
-            elif field.default_factory is not dataclasses.MISSING:
-                default = f" (default: {field.default_factory()!r})"
-            else:
-                default = " (required)"
-            lines.append(f"  --{field.name}{default}: {field.metadata.get('help', '')}")
-    return "\n".join(lines)
+    text = help_text(command)
+    head = text.split(f"\n{TRAINING_ARGUMENTS_TITLE}:", 1)[0].rstrip()
+    return (
+        f"{head}\n\n{TRAINING_ARGUMENTS_TITLE}:\n  every option of transformers.TrainingArguments, e.g. --output-dir, "
+        "--per-device-train-batch-size,\n  --learning-rate, --num-train-epochs, --max-steps, --logging-steps "
+        "(default here: 10), --eval-strategy,\n  --save-strategy, --bf16, --gradient-checkpointing, --log-level, "
+        f"--resume-from-checkpoint\n  (`vl-joint-encoder {command} --help` lists them all)"
+    )
 
 
 def markdown_reference() -> str:

@@ -12,12 +12,21 @@ DeepSpeed / FSDP: pass `deepspeed` / `fsdp` options as with any Trainer script.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from . import ArgumentError, parse_arguments, run_command
+from . import (
+    ArgumentError,
+    HelpFormatter,
+    apply_config_file,
+    build_parser,
+    parse_arguments,
+    run_command,
+    setup_logging,
+)
 
 
 PROG = "vl-joint-encoder train"
@@ -79,10 +88,135 @@ class DataArguments:
         )  # fmt: skip
 
 
-def parse(argv: list[str]):
+DESCRIPTION = (
+    "Train a joint encoder as a dense retriever with transformers' Trainer (under `accelerate launch` for several "
+    "processes). Options come from a YAML / JSON config file (keys = option names), then the command line. The "
+    "package's options are listed first; every transformers TrainingArguments option follows."
+)
+# Trainer logs (and this command prints) the loss every `logging_steps` steps. TrainingArguments' default, 500,
+# prints nothing in a short run; 10 shows progress from the first minutes of any run.
+DEFAULT_LOGGING_STEPS = 10
+TRAINING_ARGUMENTS_TITLE = "TrainingArguments (transformers)"
+
+
+def _own_training_fields() -> set[str]:
+    """Fields JointEncoderTrainingArguments adds to (or redefines in) TrainingArguments."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
     from ..training.arguments import JointEncoderTrainingArguments
 
-    return parse_arguments([ModelArguments, DataArguments, JointEncoderTrainingArguments], argv, PROG)
+    inherited = {f.name: f for f in dataclasses.fields(TrainingArguments)}
+    return {
+        f.name
+        for f in dataclasses.fields(JointEncoderTrainingArguments)
+        if f.name not in inherited or f.metadata.get("help") != inherited[f.name].metadata.get("help")
+    }
+
+
+def build_train_parser(groups=None, prog: str = PROG, description: str | None = None):
+    """The full parser of a training command: its own option groups (default: `train`'s model and data options), the
+    package's training options, then TrainingArguments' (imports torch: TrainingArguments' module does)."""
+    from ..training.arguments import JointEncoderTrainingArguments
+
+    groups = groups or [("model", [ModelArguments]), ("data", [DataArguments])]
+    own = _own_training_fields()
+    parser = build_parser(
+        [dtype for _, types_ in groups for dtype in types_] + [JointEncoderTrainingArguments],
+        prog,
+        description or DESCRIPTION,
+        groups=[(title, types_, None) for title, types_ in groups] + [
+            ("retrieval training (vl-joint-encoder)", [JointEncoderTrainingArguments], lambda f: f.name in own),
+            (TRAINING_ARGUMENTS_TITLE, [JointEncoderTrainingArguments], lambda f: f.name not in own),
+        ],
+    )
+    parser.set_defaults(logging_steps=DEFAULT_LOGGING_STEPS)
+    return parser
+
+
+# `--help` and argument errors without torch: the parser's options as a table (option strings, nargs, choices,
+# defaults, help; no types), written by `python -m vl_joint_encoder.commands.train --write-options-table` and checked
+# against the real parser by tests/test_cli.py. It is used only with the transformers version and the option files
+# it was written from (`options_key`); otherwise the real parser alone answers (after importing torch).
+OPTIONS_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_options.json")
+_ACTION_FIELDS = ("option_strings", "dest", "nargs", "const", "default", "choices", "required", "help", "metavar")
+
+
+# the files that define the train options besides transformers: a table written before one of them changed is stale
+OPTION_SOURCES = ("commands/train.py", "commands/__init__.py", "training/arguments.py", "training/freezing.py")
+
+
+def options_key() -> dict:
+    """What the table depends on: the installed transformers, and the package's option-defining files."""
+    import hashlib
+    from importlib.metadata import version
+
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for name in OPTION_SOURCES:
+        with open(os.path.join(package, name), "rb") as handle:
+            digest.update(handle.read())
+    return {"transformers": version("transformers"), "sources_sha256": digest.hexdigest()}
+
+
+def options_table(parser=None) -> dict:
+    """The table of `parser` (default: the full train parser), JSON-serialisable."""
+    parser = parser or build_train_parser()
+    groups = []
+    for group in parser._action_groups:
+        actions = []
+        for action in group._group_actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            entry = {name: getattr(action, name) for name in _ACTION_FIELDS}
+            entry["choices"] = list(entry["choices"]) if entry["choices"] is not None else None
+            entry["store_false"] = isinstance(action, argparse._StoreFalseAction)
+            actions.append(entry)
+        groups.append({"title": group.title, "actions": actions})
+    return {**options_key(), "usage": parser.usage, "groups": groups}
+
+
+def parser_from_table(table: dict) -> argparse.ArgumentParser:
+    """A parser with the same options, help and checks (names, choices, required) as the real one, minus the value
+    types (the real parser converts and checks those after torch is loaded)."""
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, usage=table["usage"],
+                                     formatter_class=HelpFormatter)  # fmt: skip
+    titles = {group.title: group for group in parser._action_groups}
+    for group_entry in table["groups"]:
+        group = titles.get(group_entry["title"]) or parser.add_argument_group(group_entry["title"])
+        for entry in group_entry["actions"]:
+            kwargs = {k: entry[k] for k in ("dest", "default", "required", "help")}
+            if entry["store_false"]:
+                group.add_argument(*entry["option_strings"], action="store_false", **kwargs)
+                continue
+            kwargs.update({k: entry[k] for k in ("nargs", "const", "choices", "metavar") if entry[k] is not None})
+            group.add_argument(*entry["option_strings"], **kwargs)
+    return parser
+
+
+def fast_parser() -> argparse.ArgumentParser | None:
+    """The parser from the options table if it was written for the installed transformers and the package's current
+    option files (`options_key`); else None (then the real parser answers, after importing torch)."""
+    import json
+
+    try:
+        with open(OPTIONS_TABLE, encoding="utf-8") as handle:
+            table = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    key = options_key()
+    return parser_from_table(table) if all(table.get(name) == value for name, value in key.items()) else None
+
+
+def parse(argv: list[str]):
+    """Parse `argv`. `--help` and bad options (unknown, missing, not a choice, unknown config keys) are answered from
+    the options table before torch is imported; then the real parser builds the dataclasses."""
+    argv = list(argv)
+    light = fast_parser()
+    if light is not None:
+        light.parse_args(apply_config_file(light, argv, PROG))  # exits on --help or a bad option
+    return parse_arguments([], argv, PROG, parser=build_train_parser())
 
 
 def _one_or_many(paths: list[str]):
@@ -110,7 +244,6 @@ def build_evaluator(data_args: DataArguments, processing, max_length: int, kb=No
 def run(model_args: ModelArguments, data_args: DataArguments, training_args, data_description: str | None = None) -> dict:
     """Train and save; `data_args` may also hold already-read tables / a `KnowledgeBase` / a feature store instead
     of paths (as `viquae-train` passes them), then `data_description` says what they are in the model card."""
-    import transformers
     from transformers.trainer_utils import get_last_checkpoint
     from transformers.utils import logging
 
@@ -119,9 +252,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args, dat
     from ..retrieval.embed import load_model_and_processor
     from ..training.trainer import JointEncoderTrainer
 
-    logger = logging.get_logger("vl_joint_encoder")
-    log_level = training_args.get_process_log_level()
-    transformers.utils.logging.set_verbosity(log_level)
+    logger = logging.get_logger(__name__)
+    setup_logging(training_args.get_process_log_level())  # log_level / log_level_replica apply to the package too
     logger.info(f"process {training_args.process_index} of {training_args.world_size}, device {training_args.device}")
 
     model, processing = load_model_and_processor(
@@ -169,6 +301,12 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args, dat
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--write-options-table"]:  # maintainers: after a transformers upgrade or a new option
+        from ..utils.io import write_json
+
+        write_json(OPTIONS_TABLE, options_table())
+        print(f"wrote {OPTIONS_TABLE}")
+        return 0
     try:
         arguments = parse(argv)
     except ArgumentError as error:
@@ -178,3 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["DataArguments", "ModelArguments", "build_evaluator", "main", "parse", "run"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from . import ArgumentError, parse_arguments, run_command
-from .train import DataArguments, ModelArguments
+from .train import DataArguments, ModelArguments, build_train_parser
 from .viquae_common import ViquaeInputArguments, ViquaeSourceArguments
 
 
@@ -84,12 +84,12 @@ def run(model_args, sources, inputs, viquae_args, training_args) -> dict:
 
 
 def parse(argv: list[str]):
-    from ..training.arguments import JointEncoderTrainingArguments
-
-    return parse_arguments(
-        [ModelArguments, ViquaeSourceArguments, ViquaeInputArguments, ViquaeTrainArguments,
-         JointEncoderTrainingArguments], argv, PROG,
+    parser = build_train_parser(
+        [("model", [ModelArguments]), ("ViQuAE sources", [ViquaeSourceArguments]),
+         ("ViQuAE inputs", [ViquaeInputArguments]), ("ViQuAE training", [ViquaeTrainArguments])],
+        PROG, __doc__.split("\n\n")[0],
     )  # fmt: skip
+    return parse_arguments([], argv, PROG, parser=parser)
 
 
 def main(argv: list[str] | None = None) -> int:

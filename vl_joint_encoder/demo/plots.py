@@ -49,7 +49,7 @@ def plot_training(log_history: Sequence[Mapping], path: str, untrained_mrr: floa
 def plot_query_sheet(queries: Sequence[Mapping], run: Mapping[str, Mapping[str, float]], kb: Mapping[str, Mapping],
                      path: str, top: int = 3) -> None:
     """One row per query: its image and question, then its `top` retrieved passages (image + text), the relevant
-    ones framed in green, the others in red."""
+    ones framed in green, the others in red; a legend and a caption say so (and what `#rank (score)` is)."""
     plt = _figure_module()
     figure, axes = plt.subplots(len(queries), top + 1, figsize=(2.4 * (top + 1), 2.3 * len(queries)), squeeze=False)
     for row, query in enumerate(queries):
@@ -73,7 +73,18 @@ def plot_query_sheet(queries: Sequence[Mapping], run: Mapping[str, Mapping[str, 
             axis.set_xticks([])
             axis.set_yticks([])
     axes[0, 0].set_ylabel("query", fontsize=8)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
+    from matplotlib.patches import Patch
+
+    figure.legend(
+        handles=[Patch(facecolor="white", edgecolor="green", linewidth=3, label="relevant passage (its qrels entry)"),
+                 Patch(facecolor="white", edgecolor="red", linewidth=3, label="not relevant")],
+        loc="lower center", ncol=2, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.015),
+    )  # fmt: skip
+    figure.text(
+        0.5, 0.0, f"Each row: a test query (its image and question), then its top {top} passages with their KB image. "
+        "Above a passage: #rank (score: the model's similarity) and its text.", ha="center", va="bottom", fontsize=8,
+    )  # fmt: skip
     _save(figure, path)
     plt.close(figure)
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from ..utils.io import write_json
+from ..utils.io import atomic_path, write_json
 
 
 logger = logging.get_logger(__name__)
@@ -52,6 +52,42 @@ def training_rows(world, hard_negatives: bool) -> list[dict]:
             "negative_ids": [f"{other}-{row['attribute']}" for other in seen if other != row["entity"]],
         }
         for row in world.splits["train"]
+    ]
+
+
+def machine_description(device: str, num_threads: int) -> str:
+    """What the numbers were measured on: the CPU (or GPU) model, threads, torch version."""
+    import platform
+
+    import torch
+
+    if device.startswith("cuda"):
+        where = torch.cuda.get_device_name(0)
+    else:
+        where = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as handle:
+                names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+            if names:
+                where = names[0]
+        except OSError:
+            pass
+        where = f"{where}, {os.cpu_count()} cores, {num_threads} torch thread(s)"
+    return f"{where}; torch {torch.__version__}, {platform.system()}"
+
+
+def next_steps(out: str) -> list[str]:
+    """The commands that reuse the demo's outputs (printed at the end of the run, and shown in the README)."""
+    data = os.path.join(out, "data")
+    return [
+        f"vl-joint-encoder search --model {out}/model --queries {data}/test.jsonl --image-root {data} "
+        f"--embeddings {out}/embeddings --output run.json --k 10",
+        f"vl-joint-encoder evaluate --run run.json --qrels {data}/qrels.test.json --metrics mrr@10 recall@1",
+        f"vl-joint-encoder data-report --model {out}/model --queries {data}/train.jsonl --kb {data}/kb.jsonl "
+        f"--image-root {data}",
+        f"vl-joint-encoder train --model-name-or-path {out}/model --train-queries {data}/train.jsonl "
+        f"--kb {data}/kb.jsonl --image-root {data} --output-dir retrained --max-steps 50 --use-cpu",
+        f"python: the usage snippet of {out}/model/README.md (AutoModel + AutoProcessor, one image, one question)",
     ]
 
 
@@ -129,6 +165,9 @@ def run_demo(args) -> dict:
         num_attributes=args.num_attributes, train_renderings=args.train_renderings, image_size=args.image_size,
         seed=args.seed, progress=True,
     )
+    if args.hard_negatives > 0:  # written too: `vl-joint-encoder train` on data/train.jsonl gets the same negatives
+        for row, negatives in zip(world.splits["train"], training_rows(world, hard_negatives=True)):
+            row["negative_ids"] = negatives["negative_ids"]
     write_toy_world(world, os.path.join(out, "data"))
     kb, test, unseen = world.kb, world.splits["test"], world.splits["unseen"]
     print(f"      {len(world.entities)} entities (+{len(world.unseen_entities)} unseen) x {args.num_attributes} facts: "
@@ -220,17 +259,15 @@ def run_demo(args) -> dict:
     timings["evaluation_s"] = time.perf_counter() - evaluation_started
 
     model_dir = os.path.join(out, "model")
-    staging = model_dir + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_final_model(
-        staging,
-        results={f"test_{k}": v for k, v in trained["metrics"].items()},
-        data_description=f"The vl-joint-encoder demo's toy world (seed {args.seed}): {len(world.entities)} "
-        f"entities x {args.num_attributes} facts, questions with a rendering of the entity.",
-    )
-    processor.save_pretrained(staging)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(staging, model_dir)
+    with atomic_path(model_dir) as staging:  # written aside, renamed into place: never a half-written model/
+        trainer.save_final_model(
+            staging,
+            results={f"test_{k}": v for k, v in trained["metrics"].items()},
+            data_description=f"The vl-joint-encoder demo's toy world (seed {args.seed}): {len(world.entities)} "
+            f"entities x {args.num_attributes} facts, questions with a rendering of the entity.",
+            final_dir=model_dir,
+        )
+        processor.save_pretrained(staging)
     shutil.rmtree(os.path.join(out, "trainer"), ignore_errors=True)
 
     figures = {}
@@ -250,6 +287,7 @@ def run_demo(args) -> dict:
         "chance_mrr@10_text_only": chance,
         "settings": {k: v for k, v in vars(args).items() if k not in ("overwrite",)},
         "device": device,
+        "machine": machine_description(device, args.num_threads),
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "log_history": trainer.state.log_history,
         "outputs": {"model": model_dir, "embeddings": os.path.join(out, "embeddings"), "runs": os.path.join(out, "runs"),
@@ -259,4 +297,4 @@ def run_demo(args) -> dict:
     return results
 
 
-__all__ = ["format_results_table", "run_demo"]
+__all__ = ["format_results_table", "machine_description", "next_steps", "run_demo"]

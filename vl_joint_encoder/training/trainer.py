@@ -274,8 +274,10 @@ class JointEncoderTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------- model card
     def save_final_model(self, output_dir: str | None = None, results: dict | None = None, data_description: str = "",
-                         base_model: str | None = None) -> str:
-        """`save_model` (weights + remote code + tokenizer/processor) and a README.md model card."""
+                         base_model: str | None = None, final_dir: str | None = None) -> str:
+        """`save_model` (weights + remote code + tokenizer/processor) and a README.md model card. `final_dir`: where
+        the folder will be used from if `output_dir` is a staging folder renamed afterwards (the card's title and
+        usage snippet)."""
         output_dir = output_dir or self.args.output_dir
         self.save_model(output_dir)
         if self.args.should_save:
@@ -293,7 +295,7 @@ class JointEncoderTrainer(Trainer):
             if os.path.exists(pickled):
                 os.remove(pickled)
             write_text(os.path.join(output_dir, "training_args.json"), self.args.to_json_string())
-            write_trained_model_card(self, output_dir, results or {}, data_description, base_model)
+            write_trained_model_card(self, output_dir, results or {}, data_description, base_model, final_dir)
         return output_dir
 
 

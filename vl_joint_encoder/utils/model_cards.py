@@ -56,6 +56,22 @@ CITATIONS = {
   year    = {2020},
   url     = {https://jmlr.org/papers/v21/20-074.html}
 }""",
+    "clip": """@inproceedings{radford2021clip,
+  title     = {Learning Transferable Visual Models From Natural Language Supervision},
+  author    = {Radford, Alec and Kim, Jong Wook and Hallacy, Chris and Ramesh, Aditya and Goh, Gabriel and
+               Agarwal, Sandhini and Sastry, Girish and Askell, Amanda and Mishkin, Pamela and Clark, Jack and
+               Krueger, Gretchen and Sutskever, Ilya},
+  booktitle = {Proceedings of the 38th International Conference on Machine Learning (ICML)},
+  year      = {2021},
+  url       = {https://arxiv.org/abs/2103.00020}
+}""",
+    "siglip": """@inproceedings{zhai2023siglip,
+  title     = {Sigmoid Loss for Language Image Pre-Training},
+  author    = {Zhai, Xiaohua and Mustafa, Basil and Kolesnikov, Alexander and Beyer, Lucas},
+  booktitle = {Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
+  year      = {2023},
+  url       = {https://arxiv.org/abs/2303.15343}
+}""",
 }
 
 
@@ -108,4 +124,61 @@ def render_model_card(
     return ModelCard.from_template(card_data, template_path=str(template), **facts)
 
 
-__all__ = ["CITATIONS", "render_model_card", "resolve_template", "template_variables"]
+def usage_code(
+    model_path: str, has_tower: bool, feat_dim: int | None = None, separate_towers: bool = False,
+    has_processor: bool = True,
+) -> str:  # fmt: skip
+    """
+    The model card's usage snippet: processor + model + one image (or its precomputed features) + one question,
+    scored against one passage with the model's own similarity. It runs as written (the image or features are made
+    in the snippet; a comment says where real ones go), so a test can execute every card's snippet. Without a saved
+    processor (a tokenizer only), features go to the model directly.
+    """
+    query_model, passage_model = ("query_encoder", "passage_encoder") if separate_towers else ("model", "model")
+    folder = f"{model_path}/query_encoder" if separate_towers else model_path
+    use_images = has_tower and has_processor
+    lines = ["import torch"]
+    if use_images:
+        lines.append("from PIL import Image")
+    lines += [f"from transformers import AutoModel, {'AutoProcessor' if has_processor else 'AutoTokenizer'}", ""]
+    if separate_towers:
+        lines += [
+            f'query_encoder = AutoModel.from_pretrained("{model_path}/query_encoder", trust_remote_code=True).eval()',
+            f'passage_encoder = AutoModel.from_pretrained("{model_path}/passage_encoder", trust_remote_code=True).eval()',
+        ]
+    else:
+        lines.append(f'model = AutoModel.from_pretrained("{model_path}", trust_remote_code=True).eval()')
+    question, passage = '"what is the name of this building?"', '"The Eiffel Tower is a wrought-iron lattice tower in Paris."'
+    if has_processor:
+        lines.append(f'processor = AutoProcessor.from_pretrained("{folder}", trust_remote_code=True)')
+    else:
+        lines.append(f'tokenizer = AutoTokenizer.from_pretrained("{folder}")')
+    if use_images:
+        lines += [
+            'image = Image.new("RGB", (640, 480), (180, 120, 60))  # your photo: Image.open("photo.jpg").convert("RGB")',
+            f'query = processor(text=[{question}], images=[image], return_tensors="pt")',
+        ]
+    elif has_processor:
+        lines += [
+            f"features = torch.randn(36, {feat_dim})  # (regions, feat_dim): your image's precomputed features",
+            "boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(36, 1)  # (regions, 4): x1, y1, x2, y2 in [0, 1]",
+            f'query = processor(text=[{question}], visual_feats=[features], boxes=[boxes], return_tensors="pt")',
+        ]
+    else:
+        lines += [
+            f'query = dict(tokenizer([{question}], return_tensors="pt"))',
+            f"query[\"visual_feats\"] = torch.randn(1, 36, {feat_dim})  # (1, regions, feat_dim): your image's features",
+            'query["visual_pos"] = torch.tensor([[[0.0, 0.0, 1.0, 1.0]]]).repeat(1, 36, 1)  # boxes x1, y1, x2, y2 in [0, 1]',
+        ]
+    encode_text = "processor" if has_processor else "tokenizer"
+    lines += [
+        f'passage = {encode_text}(text=[{passage}], return_tensors="pt")',
+        "with torch.no_grad():",
+        f"    q, p = {query_model}.encode(**query), {passage_model}.encode(**passage)  # (1, embedding size)",
+        f"    score = {query_model}.similarity(q, p)  # (1, 1): the score the model was trained and searches with",
+        "print(q.shape, float(score))",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["CITATIONS", "render_model_card", "resolve_template", "template_variables", "usage_code"]
