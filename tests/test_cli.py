@@ -89,20 +89,22 @@ def test_train_options_table_is_the_real_parser():
     import contextlib
     import io
 
-    from vl_joint_encoder.commands import train
+    from vl_joint_encoder.commands import command_module, train
 
     stored = json.loads(open(train.OPTIONS_TABLE).read())
-    assert stored == json.loads(json.dumps(train.options_table())), (
+    assert stored == json.loads(json.dumps(train.options_tables())), (
         "vl_joint_encoder/commands/train_options.json is out of date: run "
         "`python -m vl_joint_encoder.commands.train --write-options-table`"
     )
-    texts = []
-    for parser in (train.fast_parser(), train.build_train_parser()):
-        buffer = io.StringIO()
-        with contextlib.redirect_stdout(buffer):
-            parser.print_help()
-        texts.append(buffer.getvalue())
-    assert texts[0] == texts[1]
+    assert set(stored["commands"]) == {"train", "viquae-train"}
+    for command in stored["commands"]:
+        texts = []
+        for parser in (train.fast_parser(command), command_module(command).full_parser()):
+            buffer = io.StringIO()
+            with contextlib.redirect_stdout(buffer):
+                parser.print_help()
+            texts.append(buffer.getvalue())
+        assert texts[0] == texts[1], command
 
 
 def test_config_file_values_and_both_spellings_reach_the_dataclasses(tmp_path):

@@ -143,8 +143,12 @@ OPTIONS_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_
 _ACTION_FIELDS = ("option_strings", "dest", "nargs", "const", "default", "choices", "required", "help", "metavar")
 
 
-# the files that define the train options besides transformers: a table written before one of them changed is stale
-OPTION_SOURCES = ("commands/train.py", "commands/__init__.py", "training/arguments.py", "training/freezing.py")
+# the files that define the training commands' options besides transformers: a table written before one of them
+# changed is stale
+OPTION_SOURCES = ("commands/train.py", "commands/__init__.py", "training/arguments.py", "training/freezing.py",
+                  "commands/viquae_train.py", "commands/viquae_common.py")  # fmt: skip
+# the commands built on build_train_parser (each module has `full_parser()`), one table each
+TABLE_COMMANDS = ("train", "viquae-train")
 
 
 def options_key() -> dict:
@@ -158,6 +162,19 @@ def options_key() -> dict:
         with open(os.path.join(package, name), "rb") as handle:
             digest.update(handle.read())
     return {"transformers": version("transformers"), "sources_sha256": digest.hexdigest()}
+
+
+def full_parser():
+    """`train`'s full parser."""
+    return build_train_parser()
+
+
+def options_tables() -> dict:
+    """The options table of every command in TABLE_COMMANDS, by command, with the key they were written for."""
+    from . import command_module
+
+    return {**options_key(), "commands": {name: options_table(command_module(name).full_parser())
+                                          for name in TABLE_COMMANDS}}  # fmt: skip
 
 
 def options_table(parser=None) -> dict:
@@ -174,13 +191,13 @@ def options_table(parser=None) -> dict:
             entry["store_false"] = isinstance(action, argparse._StoreFalseAction)
             actions.append(entry)
         groups.append({"title": group.title, "actions": actions})
-    return {**options_key(), "usage": parser.usage, "groups": groups}
+    return {"prog": parser.prog, "description": parser.description, "usage": parser.usage, "groups": groups}
 
 
 def parser_from_table(table: dict) -> argparse.ArgumentParser:
     """A parser with the same options, help and checks (names, choices, required) as the real one, minus the value
     types (the real parser converts and checks those after torch is loaded)."""
-    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, usage=table["usage"],
+    parser = argparse.ArgumentParser(prog=table["prog"], description=table["description"], usage=table["usage"],
                                      formatter_class=HelpFormatter)  # fmt: skip
     titles = {group.title: group for group in parser._action_groups}
     for group_entry in table["groups"]:
@@ -195,28 +212,38 @@ def parser_from_table(table: dict) -> argparse.ArgumentParser:
     return parser
 
 
-def fast_parser() -> argparse.ArgumentParser | None:
-    """The parser from the options table if it was written for the installed transformers and the package's current
-    option files (`options_key`); else None (then the real parser answers, after importing torch)."""
+def fast_parser(command: str = "train") -> argparse.ArgumentParser | None:
+    """`command`'s parser from the options table if the table was written for the installed transformers and the
+    package's current option files (`options_key`); else None (then the real parser answers, after importing
+    torch)."""
     import json
 
     try:
         with open(OPTIONS_TABLE, encoding="utf-8") as handle:
-            table = json.load(handle)
+            tables = json.load(handle)
     except (OSError, ValueError):
         return None
     key = options_key()
-    return parser_from_table(table) if all(table.get(name) == value for name, value in key.items()) else None
+    if not all(tables.get(name) == value for name, value in key.items()) or command not in tables.get("commands", {}):
+        return None
+    return parser_from_table(tables["commands"][command])
+
+
+def parse_training_command(argv: list[str], command: str, build) -> list:
+    """Parse a training command's `argv`. `--help` and bad options (unknown, missing, not a choice, unknown config
+    keys) are answered from the options table before torch is imported; then the real parser (`build()`) builds the
+    dataclasses."""
+    argv = list(argv)
+    prog = f"vl-joint-encoder {command}"
+    light = fast_parser(command)
+    if light is not None:
+        light.parse_args(apply_config_file(light, argv, prog))  # exits on --help or a bad option
+    return parse_arguments([], argv, prog, parser=build())
 
 
 def parse(argv: list[str]):
-    """Parse `argv`. `--help` and bad options (unknown, missing, not a choice, unknown config keys) are answered from
-    the options table before torch is imported; then the real parser builds the dataclasses."""
-    argv = list(argv)
-    light = fast_parser()
-    if light is not None:
-        light.parse_args(apply_config_file(light, argv, PROG))  # exits on --help or a bad option
-    return parse_arguments([], argv, PROG, parser=build_train_parser())
+    """Parse `train`'s `argv` (see parse_training_command)."""
+    return parse_training_command(argv, "train", build_train_parser)
 
 
 def _one_or_many(paths: list[str]):
@@ -304,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv == ["--write-options-table"]:  # maintainers: after a transformers upgrade or a new option
         from ..utils.io import write_json
 
-        write_json(OPTIONS_TABLE, options_table())
+        write_json(OPTIONS_TABLE, options_tables())
         print(f"wrote {OPTIONS_TABLE}")
         return 0
     try:

@@ -34,8 +34,8 @@ class ViquaeSourceArguments:
 class ViquaeInputArguments:
     title_mode: Literal["keep", "replace", "title_column"] = field(
         default="keep",
-        metadata={"help": "passage title prefix '<title> [SEP] ': keep it, replace ' [SEP] ' by --title_separator, or "
-                  "rebuild it from the articles' --title_column"},
+        metadata={"help": "passage title prefix '<title> [SEP] ': keep it, replace ' [SEP] ' by --title-separator, or "
+                  "rebuild it from the articles' --title-column"},
     )
     title_separator: str = field(default=". ", metadata={"help": "what replaces ' [SEP] ' (replace / title_column)"})
     title_column: str = field(default="wikipedia_title", metadata={"help": "article title column (title_column mode)"})

@@ -14,8 +14,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from . import ArgumentError, parse_arguments, run_command
-from .train import DataArguments, ModelArguments, build_train_parser
+from . import ArgumentError, run_command
+from .train import DataArguments, ModelArguments, build_train_parser, parse_training_command
 from .viquae_common import ViquaeInputArguments, ViquaeSourceArguments
 
 
@@ -83,13 +83,18 @@ def run(model_args, sources, inputs, viquae_args, training_args) -> dict:
     return train(model_args, data_args, training_args, data_description=description)
 
 
-def parse(argv: list[str]):
-    parser = build_train_parser(
+def full_parser():
+    """The full parser (imports torch: TrainingArguments' module does)."""
+    return build_train_parser(
         [("model", [ModelArguments]), ("ViQuAE sources", [ViquaeSourceArguments]),
          ("ViQuAE inputs", [ViquaeInputArguments]), ("ViQuAE training", [ViquaeTrainArguments])],
         PROG, __doc__.split("\n\n")[0],
     )  # fmt: skip
-    return parse_arguments([], argv, PROG, parser=parser)
+
+
+def parse(argv: list[str]):
+    """`--help` and bad options are answered before torch is imported (the options table), as for `train`."""
+    return parse_training_command(argv, "viquae-train", full_parser)
 
 
 def main(argv: list[str] | None = None) -> int:
