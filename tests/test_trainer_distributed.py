@@ -5,6 +5,7 @@ image / mixed passages x queries with / without images, and each freezing option
 no DDP unused-parameter warning; DeepSpeed / FSDP and a one-process `accelerate launch --num_processes 2` are
 refused up front."""
 
+import json
 import os
 import socket
 import subprocess
@@ -112,3 +113,16 @@ def test_no_unused_parameter_search_warning(matrix):
     logs = output + "".join(open(output_dir / f"log_rank{rank}.txt").read() for rank in range(2))
     assert "find_unused_parameters" not in logs
     assert "Expected to mark a variable ready only once" not in logs
+
+
+def test_fsdp_and_deepspeed_are_refused_before_the_first_step(matrix):
+    """Under 2 real processes: FSDP is refused by JointEncoderTrainer with the alternative; DeepSpeed does not
+    install on this CPU machine, and transformers says so (JointEncoderTrainer would refuse it after that)."""
+    output_dir, _, _ = matrix
+    refusals = json.loads((output_dir / "refusals.json").read_text())
+    assert refusals["fsdp"].startswith("ValueError: JointEncoderTrainer does not support FSDP"), refusals["fsdp"]
+    assert "accelerate launch --multi_gpu" in refusals["fsdp"]
+    deepspeed = refusals["deepspeed"]
+    assert deepspeed.startswith("ValueError: JointEncoderTrainer does not support DeepSpeed") or (
+        "deepspeed" in deepspeed.lower() and "not found" in deepspeed
+    ), deepspeed

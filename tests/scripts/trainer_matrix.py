@@ -129,6 +129,31 @@ def train(config: dict, tokenizer, output_dir: str, per_device: int) -> list[dic
     return recorder.steps
 
 
+def refused_setups(tokenizer, output_dir: str) -> dict[str, str]:
+    """What a user gets for FSDP and DeepSpeed under 2 processes: the error raised before the first step."""
+    from vl_joint_encoder.training.arguments import JointEncoderTrainingArguments
+    from vl_joint_encoder.training.trainer import JointEncoderTrainer
+
+    queries, kb, store = task("text")
+    errors = {}
+    setups = {
+        "fsdp": dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2}),
+        "deepspeed": dict(deepspeed={"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}),
+    }
+    for name, extra in setups.items():
+        try:
+            args = JointEncoderTrainingArguments(
+                output_dir=os.path.join(output_dir, "runs", name), per_device_train_batch_size=PER_DEVICE, use_cpu=True,
+                report_to=[], max_steps=1, **extra,
+            )  # fmt: skip
+            JointEncoderTrainer(model=build_model(dict(freeze="none"), len(tokenizer)), args=args, train_dataset=queries,
+                                kb=kb, processing_class=tokenizer, feature_store=store).train()  # fmt: skip
+            errors[name] = "accepted"
+        except Exception as error:  # noqa: BLE001 - the test checks which error a user gets
+            errors[name] = f"{type(error).__name__}: {error}"
+    return errors
+
+
 def flatten(steps: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {
         f"step{index}/{name}": value.contiguous() for index, step in enumerate(steps) for name, value in step.items()
@@ -170,11 +195,14 @@ def main(tokenizer_dir: str, output_dir: str, names: list[str]) -> None:
         timings[name] = time.perf_counter() - start
         if state.is_main_process:
             save_file(flatten(steps), os.path.join(output_dir, f"{name}.safetensors"))
+    refusals = refused_setups(tokenizer, output_dir)
     if state.is_main_process:
         import json
 
         with open(os.path.join(output_dir, "timings.json"), "w") as handle:
             json.dump(timings, handle)
+        with open(os.path.join(output_dir, "refusals.json"), "w") as handle:
+            json.dump(refusals, handle)
     with open(os.path.join(output_dir, f"log_rank{state.process_index}.txt"), "w") as handle:
         handle.write("\n".join(capture.messages))
 
