@@ -38,9 +38,7 @@ class ModelArguments:
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "default: model_name_or_path"})
     processor_name_or_path: str | None = field(
         default=None,
-        metadata={
-            "help": "a JointEncoderProcessor folder, needed for image files (default: the model folder if it has one)"
-        },
+        metadata={"help": "a JointEncoderProcessor folder, needed for image files (default: the model folder if it has one)"},
     )
 
 
@@ -48,9 +46,7 @@ class ModelArguments:
 class DataArguments:
     train_queries: list[str] = field(metadata={"help": "query files (.jsonl/.json/.parquet) or a save_to_disk folder"})
     kb: list[str] = field(metadata={"help": "knowledge-base files or a save_to_disk folder"})
-    columns: Literal["generic", "viquae"] = field(
-        default="generic", metadata={"help": "column preset: generic or viquae"}
-    )
+    columns: Literal["generic", "viquae"] = field(default="generic", metadata={"help": "column preset: generic or viquae"})
     viquae_positives: str = field(default="provenance_indices", metadata={"help": "viquae preset: positives column"})
     viquae_negatives: str | None = field(
         default="BM25_irrelevant_indices", metadata={"help": "viquae preset: hard negatives column"}
@@ -130,8 +126,7 @@ def build_train_parser(groups=None, prog: str = PROG, description: str | None = 
         [dtype for _, types_ in groups for dtype in types_] + [JointEncoderTrainingArguments],
         prog,
         description or DESCRIPTION,
-        groups=[(title, types_, None) for title, types_ in groups]
-        + [
+        groups=[(title, types_, None) for title, types_ in groups] + [
             ("retrieval training (vl-joint-encoder)", [JointEncoderTrainingArguments], lambda f: f.name in own),
             (TRAINING_ARGUMENTS_TITLE, [JointEncoderTrainingArguments], lambda f: f.name not in own),
         ],
@@ -246,9 +241,7 @@ def build_evaluator(data_args: DataArguments, processing, max_length: int, kb=No
     )  # fmt: skip
 
 
-def run(
-    model_args: ModelArguments, data_args: DataArguments, training_args, data_description: str | None = None
-) -> dict:
+def run(model_args: ModelArguments, data_args: DataArguments, training_args, data_description: str | None = None) -> dict:
     """Train and save; `data_args` may also hold already-read tables / a `KnowledgeBase` / a feature store instead
     of paths (as `viquae-train` passes them), then `data_description` says what they are in the model card."""
     from transformers.utils import logging
