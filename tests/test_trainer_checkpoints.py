@@ -165,6 +165,7 @@ def test_resuming_a_finished_run_is_refused_and_keeps_the_final_model(workdir, s
     assert (out / "checkpoint-8" / COMPLETE_FILE).exists()
 
 
+@pytest.mark.slow
 def test_accelerate_launch_num_processes_without_multi_gpu_is_refused(workdir, tmp_path):
     """The reproduction: `accelerate launch --num_processes 2` (no --multi_gpu) on CPU starts ONE process that
     would train alone with half the asked global batch."""

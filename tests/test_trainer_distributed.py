@@ -24,6 +24,9 @@ sys.path.insert(0, os.path.join(HERE, "scripts"))
 import trainer_matrix  # noqa: E402
 
 
+pytestmark = pytest.mark.slow  # one 2-process launch for the whole module (~1-3 min on a shared 2-core machine)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
