@@ -271,7 +271,6 @@ def build_evaluator(data_args: DataArguments, processing, max_length: int, kb=No
 def run(model_args: ModelArguments, data_args: DataArguments, training_args, data_description: str | None = None) -> dict:
     """Train and save; `data_args` may also hold already-read tables / a `KnowledgeBase` / a feature store instead
     of paths (as `viquae-train` passes them), then `data_description` says what they are in the model card."""
-    from transformers.trainer_utils import get_last_checkpoint
     from transformers.utils import logging
 
     from ..data.feature_stores import open_feature_store
@@ -303,12 +302,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args, dat
         image_root=data_args.image_root,
         evaluator=build_evaluator(data_args, processing, training_args.passage_max_length, data.kb, store),
     )
-    resume = training_args.resume_from_checkpoint
-    if resume == "last":
-        resume = get_last_checkpoint(training_args.output_dir)
-        if resume is None:
-            raise ValueError(f"resume_from_checkpoint='last' but {training_args.output_dir!r} has no checkpoint-*")
-    result = trainer.train(resume_from_checkpoint=resume)
+    # "last": the newest COMPLETE checkpoint; a named one is verified; a finished run is refused (training/checkpoints.py)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = dict(result.metrics)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)

@@ -9,12 +9,16 @@ What it changes in `Trainer` (as little as possible):
   `load_best_model_at_end` and early stopping work as with any Trainer. With several processes the dev KB is encoded
   once, its shards split across them, and every process gets the same metrics.
 - `_load_from_checkpoint` / `_load_best_model`: only for separate towers (saved as two sub-folders).
-Everything else (optimizer, schedule, DDP / FSDP / DeepSpeed through accelerate, checkpoints with RNG and sampler
-state, logging) is the Trainer's own.
+- `_wrap_model`: several processes train through `data_parallel.GradientAllReduce` (not DDP, whose reducer cannot
+  take a query and a passage forward before one backward with batch-dependent unused parameters): one gradient
+  all-reduce per optimizer step, exact in every configuration; DeepSpeed / FSDP are refused up front.
+- checkpoints: marked complete last (`checkpoints.py`), verified before resume; finished runs are not trained further.
+Everything else (optimizer, schedule, checkpoints with RNG and sampler state, logging) is the Trainer's own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput
+from transformers.training_args import ParallelMode
 from transformers.utils import logging
 
 from ..bi_encoder import JointEncoderBiEncoder
@@ -29,7 +34,9 @@ from ..data.tables import ColumnMapping, PreparedData, prepare_training_data
 from ..modeling_joint_encoder import JointEncoderModel
 from ..utils.io import write_text
 from .arguments import JointEncoderTrainingArguments, check_model_matches_arguments
+from .checkpoints import check_launch, mark_complete, resolve_resume_checkpoint, training_lock
 from .collator import ContrastiveCollator
+from .data_parallel import GradientAllReduce, check_supported
 from .freezing import apply_freezing
 from .loss import InBatchContrastiveLoss
 
@@ -141,6 +148,8 @@ class JointEncoderTrainer(Trainer):
             data_collator=data_collator,
             **kwargs,
         )
+        check_supported(self)
+        check_launch(args)
         # The loss is a per-step mean over the (global) batch: the Trainer divides it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -151,14 +160,36 @@ class JointEncoderTrainer(Trainer):
             self.add_callback(_EpochToCollator(data_collator))
         self._loss_parts: dict[str, list[torch.Tensor]] = {name: [] for name in LOSS_PARTS}
 
+    # ------------------------------------------------------------------------------------------ data parallel
+    def _wrap_model(self, model, training: bool = True, dataloader=None):
+        """Several processes: `GradientAllReduce` (exact for every configuration, see data_parallel.py) instead of
+        accelerate's DDP; the Trainer then prepares only the optimizer."""
+        if isinstance(model, GradientAllReduce):
+            return model
+        if not training or self.args.world_size <= 1 or self.args.parallel_mode != ParallelMode.DISTRIBUTED:
+            return super()._wrap_model(model, training, dataloader)
+        for name in ("ddp_find_unused_parameters", "ddp_static_graph", "ddp_bucket_cap_mb"):
+            if getattr(self.args, name, None) is not None:
+                logger.info(f"{name} does not apply: JointEncoderTrainer all-reduces gradients once per step itself")
+        return GradientAllReduce(self.model, autocast=self.accelerator.autocast)
+
+    def _all_reduce_if_last_micro_batch(self, model) -> None:
+        if isinstance(model, GradientAllReduce) and self.accelerator.sync_gradients:
+            model.all_reduce_gradients()
+
     # ------------------------------------------------------------------------------------------------- loss
     def _embed(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(self.accelerator.unwrap_model(model), JointEncoderBiEncoder):
+        if isinstance(self._encoder(model), JointEncoderBiEncoder):
             out = model(query=inputs["query"], passage=inputs["passage"])  # one (DDP) forward for both towers
             return out.query_embeddings, out.passage_embeddings
         queries = model(**inputs["query"], return_dict=True).pooler_output  # (Q, D)
         passages = model(**inputs["passage"], return_dict=True).pooler_output  # (P, D)
         return queries, passages
+
+    def _encoder(self, model) -> torch.nn.Module:
+        """The JointEncoderModel / JointEncoderBiEncoder inside `model` (DDP, accelerate or GradientAllReduce)."""
+        model = model.module if isinstance(model, GradientAllReduce) else model
+        return self.accelerator.unwrap_model(model)
 
     def _record_parts(self, parts: dict[str, torch.Tensor]) -> None:
         if self.model.training:
@@ -182,12 +213,20 @@ class JointEncoderTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not self.args.grad_cache:
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self._all_reduce_if_last_micro_batch(model)
+            return loss
         from .grad_cache import default_embed, grad_cache_step
 
         model.train()
         inputs = self._prepare_inputs(inputs)
-        bi_encoder = isinstance(self.accelerator.unwrap_model(model), JointEncoderBiEncoder)
+        bi_encoder = isinstance(self._encoder(model), JointEncoderBiEncoder)
+        # GradientAllReduce reduces once after all chunks; DDP (a single-process wrapper never is) syncs in-chunk
+        no_sync = (
+            (lambda module: contextlib.nullcontext())
+            if isinstance(model, GradientAllReduce)
+            else self.accelerator.no_sync
+        )
 
         def embed(module, chunk):
             if not bi_encoder:
@@ -215,9 +254,10 @@ class JointEncoderTrainer(Trainer):
                 chunk_size=self.args.grad_cache_chunk_size,
                 backward_fn=self.accelerator.backward,
                 loss_scale=1.0 / self.current_gradient_accumulation_steps,
-                no_sync=self.accelerator.no_sync,
+                no_sync=no_sync,
                 embed_fn=embed,
             )
+        self._all_reduce_if_last_micro_batch(model)
         self._record_parts(parts)
         return parts["loss"].detach() / self.current_gradient_accumulation_steps
 
@@ -258,11 +298,65 @@ class JointEncoderTrainer(Trainer):
         n_queries = len(self.evaluator) if hasattr(self.evaluator, "__len__") else 0
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=n_queries)
 
+    # -------------------------------------------------------------------------------- checkpoints and resume
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint="last"` (or True) is the newest COMPLETE checkpoint of
+        `output_dir`, and a named checkpoint is verified first (see checkpoints.py). The output folder is locked
+        against a second training for the duration."""
+        resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        with training_lock(self.args.output_dir, enabled=self.args.should_save):
+            return super().train(
+                resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+            )
+
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ):
+        result = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        if resume_from_checkpoint is not None and self.state.global_step >= max_steps:
+            raise ValueError(
+                f"checkpoint {resume_from_checkpoint!r} is at step {self.state.global_step} and this run has "
+                f"{max_steps} steps: that run is finished, nothing to resume (its final model is in "
+                f"{self.args.output_dir!r}). To train further, raise max_steps (or num_train_epochs) above "
+                f"{self.state.global_step}, or drop --resume_from_checkpoint to start a new run in another output_dir"
+            )
+        return result
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """`Trainer._save_checkpoint`, made safe to kill: an existing folder of that step is removed first, the
+        completeness marker is written last (after every process wrote its files), old checkpoints are rotated
+        only after that."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(folder):
+            import shutil
+
+            shutil.rmtree(folder)
+        self.accelerator.wait_for_everyone()
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotation waits for the marker: never delete the last complete one first
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            mark_complete(folder, self.state.global_step)
+            rotate_checkpoints(
+                output_dir=os.path.dirname(folder),
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
     # ------------------------------------------------------------------------------ separate towers: resume
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         target = model if model is not None else self.model
-        if isinstance(self.accelerator.unwrap_model(target), JointEncoderBiEncoder):
-            self.accelerator.unwrap_model(target).load_towers_(resume_from_checkpoint)
+        if isinstance(self._encoder(target), JointEncoderBiEncoder):
+            self._encoder(target).load_towers_(resume_from_checkpoint)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
@@ -273,8 +367,14 @@ class JointEncoderTrainer(Trainer):
         super()._load_best_model()
 
     # ------------------------------------------------------------------------------------------- model card
-    def save_final_model(self, output_dir: str | None = None, results: dict | None = None, data_description: str = "",
-                         base_model: str | None = None, final_dir: str | None = None) -> str:
+    def save_final_model(
+        self,
+        output_dir: str | None = None,
+        results: dict | None = None,
+        data_description: str = "",
+        base_model: str | None = None,
+        final_dir: str | None = None,
+    ) -> str:
         """`save_model` (weights + remote code + tokenizer/processor) and a README.md model card. `final_dir`: where
         the folder will be used from if `output_dir` is a staging folder renamed afterwards (the card's title and
         usage snippet)."""
@@ -284,8 +384,9 @@ class JointEncoderTrainer(Trainer):
             from ..bi_encoder import TOWERS
             from .model_card import write_trained_model_card
 
-            if self.processing_class is not None and isinstance(self.accelerator.unwrap_model(self.model),
-                                                                JointEncoderBiEncoder):
+            if self.processing_class is not None and isinstance(
+                self.accelerator.unwrap_model(self.model), JointEncoderBiEncoder
+            ):
                 for tower in TOWERS:  # each tower folder loads on its own, tokenizer / processor included
                     self.processing_class.save_pretrained(os.path.join(output_dir, tower))
 
