@@ -109,6 +109,11 @@ def test_the_matrix_trains_and_every_case_is_covered(matrix, tokenizer_dir):
         moved = [key for key, value in steps[0].items()
                  if not torch.equal(value, initial[key.split(".", 1)[1] if separate else key])]  # fmt: skip
         assert moved, f"{name}: the first step changed no parameter"
+        if configs[name].get("optim") == "adamw_torch":  # unused: not even weight decay moves them
+            unused = "visual_embedding." if not separate else "passage_encoder.visual_embedding."
+            frozen = [key for key in steps[-1] if key.startswith(unused)]
+            assert frozen and all(torch.equal(steps[-1][key], initial[key.split(".", 1)[1] if separate else key])
+                                  for key in frozen), name  # fmt: skip
 
 
 def test_no_unused_parameter_search_warning(matrix):
@@ -124,6 +129,7 @@ def test_fsdp_and_deepspeed_are_refused_before_the_first_step(matrix):
     output_dir, _, _ = matrix
     refusals = json.loads((output_dir / "refusals.json").read_text())
     assert refusals["fsdp"].startswith("ValueError: JointEncoderTrainer does not support FSDP"), refusals["fsdp"]
+    assert not os.path.exists(output_dir / "runs" / "fsdp" / "checkpoint-1")  # refused before the first step
     assert "accelerate launch --multi_gpu" in refusals["fsdp"]
     deepspeed = refusals["deepspeed"]
     assert deepspeed.startswith("ValueError: JointEncoderTrainer does not support DeepSpeed") or (

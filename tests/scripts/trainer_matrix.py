@@ -50,6 +50,12 @@ def configurations() -> dict[str, dict]:
         configs[f"{towers}-{step}-p_text-q_image-freeze_{freeze}"] = dict(
             towers=towers, step=step, passages="text", queries="image", freeze=freeze
         )
+    # AdamW with weight decay: a parameter no process used must keep grad None (skipped by the optimizer, as in one
+    # process), not get a zero gradient (which weight decay would move)
+    for towers, queries in (("shared", "text"), ("separate", "image")):
+        configs[f"{towers}-plain-p_text-q_{queries}-adamw"] = dict(
+            towers=towers, step="plain", passages="text", queries=queries, freeze="none", optim="adamw_torch"
+        )
     return configs
 
 
@@ -111,8 +117,9 @@ def train(config: dict, tokenizer, output_dir: str, per_device: int) -> list[dic
     accumulation = config["step"] == "accumulation"
     args = JointEncoderTrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=per_device, use_cpu=True, report_to=[],
-        save_strategy="no", disable_tqdm=True, logging_steps=1, n_hard_negatives=1, seed=0, optim="sgd",
-        learning_rate=0.5, max_steps=1 if accumulation else 2, gradient_accumulation_steps=2 if accumulation else 1,
+        save_strategy="no", disable_tqdm=True, logging_steps=1, n_hard_negatives=1, seed=0,
+        optim=config.get("optim", "sgd"), learning_rate=0.5 if config.get("optim", "sgd") == "sgd" else 1e-3,
+        weight_decay=0.0 if config.get("optim", "sgd") == "sgd" else 0.1, max_steps=1 if accumulation else 2, gradient_accumulation_steps=2 if accumulation else 1,
         grad_cache=config["step"] == "grad_cache", grad_cache_chunk_size=4,
         separate_towers=config["towers"] == "separate", use_query_images=config["queries"] == "image",
         use_passage_images=config["passages"] != "text",

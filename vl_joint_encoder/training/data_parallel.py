@@ -126,17 +126,28 @@ class GradientAllReduce(nn.Module):
 def check_supported(trainer) -> None:
     """Refuse, before the first step, what `JointEncoderTrainer` cannot train exactly (see docs/multi_process_training.md).
     `trainer`: a `Trainer` (after its `__init__`: accelerate has read the launch configuration)."""
-    if trainer.is_deepspeed_enabled:
+    import os
+
+    args = trainer.args
+
+    def env_flag(name: str) -> bool:
+        return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+    # from the arguments or the launcher; accelerate may drop the plugin silently (e.g. FSDP on CPU): still refused
+    deepspeed = trainer.is_deepspeed_enabled or bool(args.deepspeed) or env_flag("ACCELERATE_USE_DEEPSPEED")
+    fsdp = trainer.is_fsdp_enabled or bool(args.fsdp) or env_flag("ACCELERATE_USE_FSDP")
+    if deepspeed:
         raise ValueError(
             "JointEncoderTrainer does not support DeepSpeed: a retrieval step encodes queries and passages before one "
             "backward, and DeepSpeed's engine is built for one forward per backward (and does not install on CPU "
             "here, so it is untested). Use plain multi-process training (`accelerate launch --multi_gpu "
             "--num_processes N`) and --grad_cache for memory"
         )
-    if trainer.is_fsdp_enabled:
+    if fsdp:
         raise ValueError(
-            "JointEncoderTrainer does not support FSDP: a retrieval step encodes queries and passages (and GradCache "
-            "chunks) before one backward, which FSDP's reshard-after-forward does not handle; the joint encoders "
+            "JointEncoderTrainer does not support FSDP: its exact gradient reduction (one all-reduce per step, for a "
+            "step that encodes queries and passages before one backward, with batch-dependent unused parameters) "
+            "needs whole parameters on every process, and FSDP is untested with that pattern; the joint encoders "
             "fit on one device. Use plain multi-process training (`accelerate launch --multi_gpu --num_processes N`) "
             "and --grad_cache for memory"
         )

@@ -125,6 +125,19 @@ class JointEncoderTrainer(Trainer):
             )
             train_dataset = self.prepared_data.queries
             global_batch = args.per_device_train_batch_size * args.world_size
+            even_batches = getattr(args.accelerator_config, "even_batches", True)
+            if (
+                args.world_size > 1
+                and len(train_dataset) % global_batch
+                and even_batches
+                and not args.dataloader_drop_last
+            ):
+                logger.warning(
+                    f"{len(train_dataset)} training queries are not a multiple of the global batch {global_batch}: "
+                    f"accelerate pads the last batch of each epoch with queries repeated from the epoch's start "
+                    f"(even_batches), so those count twice; set dataloader_drop_last, or a batch size that divides "
+                    f"the queries (see docs/multi_process_training.md)"
+                )
             if len(train_dataset) < global_batch:
                 raise ValueError(
                     f"{len(train_dataset)} training queries but one global batch takes {global_batch} "
