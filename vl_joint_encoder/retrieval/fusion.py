@@ -143,9 +143,7 @@ def tune_fusion(
     )  # fmt: skip
     results = dict(zip((str(c) for c in report.configs), (float(r) for r in report.results)))
     best = {key: _plain(value) for key, value in best.items()}
-    logger.info(
-        f"fusion {method} ({norm}): best {best} ({metric} {max(results.values()):.4f} on {len(query_ids)} questions)"
-    )
+    logger.info(f"fusion {method} ({norm}): best {best} ({metric} {max(results.values()):.4f} on {len(query_ids)} questions)")
     return best, results
 
 

@@ -84,14 +84,10 @@ def _check(qrels: Mapping, run: Mapping) -> None:
         raise ValueError("qrels are empty: nothing to evaluate against (expected {query_id: {passage_id: relevance}})")
     for query_id, judged in qrels.items():
         if not isinstance(judged, Mapping):
-            raise ValueError(
-                f"qrels[{query_id!r}] must be a dict passage_id -> relevance, got {type(judged).__name__}"
-            )
+            raise ValueError(f"qrels[{query_id!r}] must be a dict passage_id -> relevance, got {type(judged).__name__}")
         for doc, rel in judged.items():
             if isinstance(rel, bool) or not float(rel).is_integer():
-                raise ValueError(
-                    f"qrels[{query_id!r}][{doc!r}] = {rel!r}: relevance must be an integer (ranx convention)"
-                )
+                raise ValueError(f"qrels[{query_id!r}][{doc!r}] = {rel!r}: relevance must be an integer (ranx convention)")
     for query_id, scores in run.items():
         if not isinstance(scores, Mapping):
             raise ValueError(f"run[{query_id!r}] must be a dict passage_id -> score, got {type(scores).__name__}")
