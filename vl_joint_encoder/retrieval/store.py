@@ -47,7 +47,7 @@ def shard_name(index: int) -> str:
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's bytes (contiguous CPU copy)."""
     data = tensor.detach().contiguous().cpu()
-    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
+    return hashlib.sha256(data.view(torch.uint8).numpy().data if data.numel() else b"").hexdigest()  # no copy
 
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
