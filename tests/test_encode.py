@@ -75,10 +75,11 @@ def test_embeddings_equal_model_passage_by_passage(saved_model, tmp_path):
         inputs = tokenizer([kb[row]["text"]], return_tensors="pt")
         expected = torch.nn.functional.normalize(model(**inputs).pooler_output, dim=-1)[0]
         torch.testing.assert_close(embeddings[row], expected, atol=1e-5, rtol=1e-5)
-    # length sorting: the first shard holds the longest passages
-    first = load_file(tmp_path / "out" / "shards" / "shard-00000.safetensors")["positions"].tolist()
-    longest = sorted(range(len(kb)), key=lambda r: -len(kb[r]["text"]))[:20]
-    assert sorted(first) == sorted(longest)
+    # layout: shard s holds the contiguous rows [20 s, 20 s + 20), longest text first, equal lengths in row order
+    for shard in range(5):
+        positions = load_file(tmp_path / "out" / "shards" / f"shard-{shard:05d}.safetensors")["positions"].tolist()
+        rows = range(20 * shard, min(20 * shard + 20, len(kb)))
+        assert positions == sorted(rows, key=lambda r: (-len(kb[r]["text"]), r))
 
 
 def test_resume_after_crash_is_identical(saved_model, tmp_path, monkeypatch):

@@ -167,3 +167,17 @@ def test_retrieval_evaluator(saved_model):  # noqa: F811
     assert evaluator(other, model) == metrics.evaluate(evaluator.qrels, run, evaluator.metrics)
     with pytest.raises(ValueError, match="unknown metric"):
         RetrievalEvaluator(queries, kb, tokenizer, metrics=["mrr10"])
+
+
+@pytest.mark.parametrize("chunk_rows", [5000, 4096, 999, 50])
+def test_single_query_ties_at_the_cut_keep_row_order(chunk_rows):
+    """One query over a corpus where every score ties (identical passages) or a block of ties straddles the k-th
+    place: the top-k is the lowest rows among the tied, in row order, whatever the chunking (numpy lexsort reference)."""
+    generator = torch.Generator().manual_seed(1)
+    passages = torch.ones(5000, 4)
+    scores, positions = exact_top_k(torch.ones(1, 4), tensor_chunks(passages, chunk_rows), 100, "dot")
+    assert positions[0].tolist() == list(range(100)) and bool((scores == 4).all())
+    passages = torch.randint(-1, 2, (5000, 4), generator=generator).float()
+    query = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    _, positions = exact_top_k(query, tensor_chunks(passages, chunk_rows), 700, "dot")
+    assert positions.tolist() == brute_force(query.numpy(), passages.numpy(), 700, "dot")[1].tolist()

@@ -17,7 +17,9 @@ class EncodeArguments:
     model: str = field(metadata={"help": "saved JointEncoderModel or separate-towers folder"})
     kb: str = field(metadata={"help": "KB: JSONL / Parquet file or save_to_disk folder (id, text, image)"})
     output_dir: str = field(metadata={"help": "where the shards are written (resumed if it holds this encoding)"})
-    processor: str | None = field(default=None, metadata={"help": "tokenizer / processor folder (default: the model's)"})
+    processor: str | None = field(
+        default=None, metadata={"help": "tokenizer / processor folder (default: the model's)"}
+    )
     batch_size: int = field(default=64, metadata={"help": "passages per forward pass"})
     shard_size: int = field(default=10_000, metadata={"help": "passages per shard file"})
     max_length: int = field(default=256, metadata={"help": "max passage tokens"})
@@ -29,8 +31,10 @@ class EncodeArguments:
     image_column: str = field(default="image", metadata={"help": "KB image column (optional)"})
     feature_store: str | None = field(
         default=None,
-        metadata={"help": "precomputed visual features (.npz / .safetensors / .h5, or an extract-features folder); "
-                  "image cells that are its keys use them"},
+        metadata={
+            "help": "precomputed visual features (.npz / .safetensors / .h5, or an extract-features folder); "
+            "image cells that are its keys use them"
+        },
     )
     image_root: str | None = field(default=None, metadata={"help": "folder that relative image paths are relative to"})
     cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present"})
@@ -63,9 +67,12 @@ def encode(args: EncodeArguments) -> int:
         state=state,
         feature_store=args.feature_store,
         image_root=args.image_root,
+        require_feature_store_match=True,
     )
     if manifest is not None:
-        print(f"encoded {manifest['count']} passages ({manifest['dim']}-d, {manifest['similarity']}) into {args.output_dir}")
+        print(
+            f"encoded {manifest['count']} passages ({manifest['dim']}-d, {manifest['similarity']}) into {args.output_dir}"
+        )
     return 0
 
 

@@ -14,10 +14,13 @@ class SearchArguments:
     embeddings: str = field(metadata={"help": "folder written by `vl-joint-encoder encode`"})
     output: str = field(metadata={"help": "run file: .json (ranx) or anything else (TREC)"})
     index: str | None = field(
-        default=None, metadata={"help": "FAISS index folder written by `vl-joint-encoder index` (default: exact search)"}
+        default=None,
+        metadata={"help": "FAISS index folder written by `vl-joint-encoder index` (default: exact search)"},
     )
     k: int = field(default=100, metadata={"help": "passages per query"})
-    processor: str | None = field(default=None, metadata={"help": "tokenizer / processor folder (default: the model's)"})
+    processor: str | None = field(
+        default=None, metadata={"help": "tokenizer / processor folder (default: the model's)"}
+    )
     batch_size: int = field(default=64, metadata={"help": "queries per forward pass"})
     max_length: int = field(default=256, metadata={"help": "max query tokens"})
     device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda when available)"})
@@ -26,11 +29,17 @@ class SearchArguments:
     image_column: str = field(default="image", metadata={"help": "query image column (optional)"})
     feature_store: str | None = field(
         default=None,
-        metadata={"help": "precomputed visual features (.npz / .safetensors / .h5, or an extract-features folder); "
-                  "query images that are its keys use them"},
+        metadata={
+            "help": "precomputed visual features (.npz / .safetensors / .h5, or an extract-features folder); "
+            "query images that are its keys use them"
+        },
     )
     image_root: str | None = field(default=None, metadata={"help": "folder that relative image paths are relative to"})
     nprobe: int = field(default=32, metadata={"help": "IVF lists visited per query (FAISS ivf index)"})
+    verify: bool = field(
+        default=False,
+        metadata={"help": "check every shard's sha256 before searching (default: sizes and the manifest's checksum)"},
+    )
 
 
 def search(args: SearchArguments) -> int:
@@ -46,7 +55,7 @@ def search(args: SearchArguments) -> int:
 
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
-    store = EmbeddingStore(args.embeddings)
+    store = EmbeddingStore(args.embeddings, verify=args.verify)
     query_model, passage_model, processor = load_search_models(args.model, args.processor)
     check_model_matches(store.similarity, store.model_hash, passage_model, args.embeddings)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -66,14 +75,16 @@ def search(args: SearchArguments) -> int:
         image_root=args.image_root,
     )
     if args.index:
-        scores, positions, meta = faiss_search(args.index, embeddings, args.k, nprobe=args.nprobe)
-        if meta["model_sha256"] != store.model_hash or meta["similarity"] != store.similarity:
-            raise ValueError(f"{args.index} indexes other embeddings than {args.embeddings}: rebuild the index")
+        scores, positions, _ = faiss_search(args.index, embeddings, args.k, nprobe=args.nprobe, store=store)
     else:
         scores, positions = search_store(embeddings, store, args.k, device=device)
     write_run(to_run(queries.ids, scores, positions, store.ids), args.output)
-    print(f"searched {len(queries)} queries over {store.count} passages (top {min(args.k, store.count)}) -> {args.output}")
+    print(
+        f"searched {len(queries)} queries over {store.count} passages (top {min(args.k, store.count)}) -> {args.output}"
+    )
     return 0
 
 
-main = command_main("vl-joint-encoder search", [SearchArguments], search, "Top-k search of queries over an encoded KB.")
+main = command_main(
+    "vl-joint-encoder search", [SearchArguments], search, "Top-k search of queries over an encoded KB."
+)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
+from queue import Full, Queue
 from typing import Any
 
 import torch
@@ -18,7 +20,6 @@ from transformers.utils import logging
 
 from ..bi_encoder import TOWERS, JointEncoderBiEncoder, is_bi_encoder_dir
 from ..data.inputs import JointEncoderInputBuilder
-from ..data.references import reference_key
 from ..modeling_joint_encoder import JointEncoderModel
 
 
@@ -112,17 +113,90 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def kb_fingerprint(ids: Sequence[str], texts: Sequence[str], images: Sequence[Any] | None) -> str:
-    """sha256 over every (id, text, image reference): detects a KB changed since it was encoded."""
-    digest = hashlib.sha256(f"{len(ids)};".encode())
-    for row, (passage_id, text) in enumerate(zip(ids, texts)):
-        digest.update(f"{len(passage_id)}:{passage_id}{len(text)}:{text}".encode())
-        if images is not None:
-            digest.update(reference_key(images[row]).encode() + b"\0")
-    return digest.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------------ batches
+def check_max_length(max_length: int, what: str = "max_length") -> None:
+    """Refuse a truncation length < 1 (a tokenizer would silently read 0 as "no limit" / its default)."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"{what} must be a positive number of tokens, got {max_length!r}")
+
+
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """
+    Iterate `items` (e.g. batches being tokenised) in a background thread, `depth` ahead of the consumer, so that
+    building the next batch overlaps the model's forward on this one (tokenizers and torch ops release the GIL).
+    The order is unchanged; an error raised while producing is raised here, in the consumer; stopping early stops
+    the producer.
+    """
+    queue: Queue = Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+        except BaseException as error:  # noqa: BLE001 - re-raised in the consumer
+            put(_Failure(error))
+            return
+        put(_DONE)
+
+    thread = threading.Thread(target=produce, name="vl-joint-encoder-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors of a batch moved to `device` (pinned and copied asynchronously when it is a GPU)."""
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def forward_batch(
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    autocast_dtype: str = "float32",
+    device: torch.device | None = None,
+    normalize: bool | None = None,
+) -> torch.Tensor:
+    """(b, D) float32 CPU embeddings of one built batch: `model.encode` under autocast."""
+    device = device if device is not None else next(model.parameters()).device
+    batch = batch_to_device(batch, device)
+    dtype = AUTOCAST_DTYPES[autocast_dtype]
+    context = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    with context:
+        embeddings = model.encode(normalize=normalize, **batch)  # (b, D)
+    return embeddings.float().cpu()
+
+
 @torch.no_grad()
 def embed_batches(
     model: torch.nn.Module,
@@ -140,33 +214,33 @@ def embed_batches(
     """
     (len(texts), D) float32 embeddings, `model.encode` on fixed consecutive batches (same batches -> same bits).
     `images`: one reference per text (file path relative to `image_root`, PIL image, `datasets.Image` cell, key of
-    `feature_store`, or None).
+    `feature_store`, or None). The next batch is tokenised in a background thread during the forward (`prefetch`).
     """
     if autocast_dtype not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast_dtype must be one of {list(AUTOCAST_DTYPES)}, got {autocast_dtype!r}")
+    check_max_length(max_length)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    dtype = AUTOCAST_DTYPES[autocast_dtype]
     feat_dim = getattr(getattr(model, "config", None), "feat_dim", None)
     build = JointEncoderInputBuilder(processor, max_length, feature_store, image_root, feat_dim)
-    out = []
-    for start in range(0, len(texts), batch_size):
-        batch = build(
+    batches = (
+        build(
             list(texts[start : start + batch_size]),
             None if images is None else list(images[start : start + batch_size]),
         )
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        context = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-        with context:
-            embeddings = model.encode(normalize=normalize, **batch)  # (b, D)
-        out.append(embeddings.float().cpu())
+        for start in range(0, len(texts), batch_size)
+    )
+    out = [forward_batch(model, batch, autocast_dtype, device, normalize) for batch in prefetch(batches)]
     return torch.cat(out) if out else torch.empty(0, 0)
 
 
 __all__ = [
     "AUTOCAST_DTYPES",
     "STORAGE_DTYPES",
+    "batch_to_device",
+    "check_max_length",
     "embed_batches",
-    "kb_fingerprint",
+    "forward_batch",
     "load_model_and_processor",
     "model_fingerprint",
+    "prefetch",
 ]

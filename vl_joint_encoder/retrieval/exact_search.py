@@ -35,17 +35,19 @@ def _order_candidates(scores: torch.Tensor, positions: torch.Tensor) -> tuple[to
 def chunk_top_k(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Top-k of a (Q, C) score block whose columns are corpus `positions` (C,), ordered by (score desc, position asc).
-    `torch.topk` picks arbitrarily among scores equal to the k-th; rows where such a tie straddles the cut are redone
-    exactly from all candidates >= the k-th score.
+    `torch.topk` picks arbitrarily among scores equal to the k-th, so it is asked for k + 1: a row whose (k+1)-th
+    score equals its k-th has a tie straddling the cut, and is redone exactly from all candidates >= the k-th score
+    (rare: row by row). This costs no pass over the block besides the matmul and the top-k.
     """
-    k = min(k, scores.shape[1])
-    top_scores, top_columns = torch.topk(scores, k, dim=1, sorted=False)  # (Q, k)
-    top_positions = positions[top_columns]  # (Q, k)
-    kth = top_scores.min(dim=1, keepdim=True).values  # (Q, 1)
-    n_at_least = (scores >= kth).sum(dim=1)  # (Q,)
-    top_scores, top_positions = _order_candidates(top_scores, top_positions)
-    for row in torch.nonzero(n_at_least > k).flatten().tolist():  # ties at the cut: rare, row by row
-        columns = torch.nonzero(scores[row] >= kth[row]).flatten()  # (m,) with m > k
+    columns = scores.shape[1]
+    if k >= columns:  # every column is kept: no cut, no tie at it
+        return _order_candidates(scores, positions.expand(scores.shape[0], -1))
+    top_scores, top_columns = torch.topk(scores, k + 1, dim=1, sorted=True)  # (Q, k + 1), descending
+    tied = torch.nonzero(top_scores[:, k - 1] == top_scores[:, k]).flatten().tolist()
+    top_scores, top_positions = _order_candidates(top_scores[:, :k], positions[top_columns[:, :k]])
+    for row in tied:
+        kth = top_scores[row, k - 1]
+        columns = torch.nonzero(scores[row] >= kth).flatten()  # (m,) with m > k
         row_scores, row_positions = _order_candidates(scores[row, columns][None], positions[columns][None])
         top_scores[row], top_positions[row] = row_scores[0, :k], row_positions[0, :k]
     return top_scores, top_positions

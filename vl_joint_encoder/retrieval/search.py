@@ -124,20 +124,62 @@ def save_faiss_index(index, positions: np.ndarray, store: EmbeddingStore, output
     meta = {
         "kind": kind,
         "count": store.count,
+        "ntotal": int(index.ntotal),
         "similarity": store.similarity,
         "model_sha256": store.model_hash,
+        "kb_fingerprint": store.manifest.get("kb_fingerprint"),
+        "plan_hash": store.manifest.get("plan_hash"),
         "embeddings": os.path.abspath(store.directory),
     }
     write_json(os.path.join(output_dir, FAISS_META), meta, indent=1)
 
 
-def faiss_search(index_dir: str, query_embeddings: torch.Tensor, k: int, nprobe: int = 32, ef_search: int = 128):
-    """(scores (Q, k'), KB positions (Q, k'), meta) from an index written by `vl-joint-encoder index`."""
+def check_index_matches(meta: dict, index, positions: np.ndarray, store: EmbeddingStore, index_dir: str) -> None:
+    """Refuse an index built over other embeddings than `store` (another model, another KB or KB size, another
+    encoding), or whose files disagree with each other."""
+    fix = f"rebuild it: vl-joint-encoder index --embeddings {store.directory} --output_dir {index_dir}"
+    differences = []
+    if meta.get("model_sha256") != store.model_hash or meta.get("similarity") != store.similarity:
+        differences.append("another model")
+    if meta.get("count") != store.count:
+        differences.append(f"{meta.get('count')} passages, the embeddings hold {store.count}")
+    if "kb_fingerprint" not in meta:
+        differences.append("no KB fingerprint (built by an earlier version)")
+    elif meta["kb_fingerprint"] != store.manifest.get("kb_fingerprint") or meta.get("plan_hash") != store.manifest.get(
+        "plan_hash"
+    ):
+        differences.append("another KB or encoding")
+    if differences:
+        raise ValueError(f"the index {index_dir!r} was built over other embeddings than {store.directory!r} "
+                         f"({'; '.join(differences)}): {fix}")  # fmt: skip
+    if (
+        int(index.ntotal) != len(positions)
+        or len(positions) != store.count
+        or (len(positions) and (positions.min() < 0 or positions.max() >= store.count))
+    ):
+        raise ValueError(
+            f"the index {index_dir!r} is inconsistent ({index.ntotal} vectors, {len(positions)} positions, "
+            f"{store.count} passages): {fix}"
+        )
+
+
+def faiss_search(
+    index_dir: str,
+    query_embeddings: torch.Tensor,
+    k: int,
+    nprobe: int = 32,
+    ef_search: int = 128,
+    store: EmbeddingStore | None = None,
+):
+    """(scores (Q, k'), KB positions (Q, k'), meta) from an index written by `vl-joint-encoder index`; given the
+    `store` it was built over, `check_index_matches` first."""
     import faiss
 
     meta = read_json(os.path.join(index_dir, FAISS_META), "index metadata")
     index = faiss.read_index(os.path.join(index_dir, FAISS_INDEX))
     positions = np.load(os.path.join(index_dir, FAISS_POSITIONS), allow_pickle=False)
+    if store is not None:
+        check_index_matches(meta, index, positions, store, index_dir)
     if hasattr(index, "nprobe"):
         index.nprobe = nprobe
     if hasattr(index, "hnsw"):
@@ -160,6 +202,7 @@ def load_search_models(path: str, processor_path: str | None = None):
 __all__ = [
     "INDEX_KINDS",
     "build_faiss_index",
+    "check_index_matches",
     "check_model_matches",
     "faiss_search",
     "load_search_models",

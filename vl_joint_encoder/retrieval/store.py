@@ -1,19 +1,24 @@
 """On-disk format of an encoded knowledge base: safetensors shards + ids + manifest, written atomically, checked on load.
 
     output_dir/
-      plan.json                  what is being encoded (model hash, KB fingerprint, shard layout): resume checks it
+      plan.json                  what is being encoded (model hash, count, shard layout): resume checks it
       shards/shard-00000.safetensors   "embeddings" (n, D) + "positions" (n,) int64 KB rows; metadata: shard index,
-                                       plan hash, model hash, sha256 of the embeddings
+                                       plan hash, model hash, sha256 of the embeddings and of the positions,
+                                       fingerprint of the KB rows it encodes and of their feature-store arrays
       ids.json                   passage ids in KB row order (position -> id)
       manifest.json              written last: model (name, revision, weights sha256), similarity, normalized, dim,
-                                 dtype, count, KB fingerprint, shard list with checksums
+                                 dtype, count, KB fingerprint, each shard's size and checksums (tensors and file),
+                                 ids.json's size and checksum, and its own checksum (`manifest_sha256`)
 
-A directory without manifest.json is an unfinished encoding (resume it with the same command).
+A directory without manifest.json is an unfinished encoding (resume it with the same command). Opening a store checks
+the manifest's checksum and every file's size (cheap); `verify=True` (`search --verify`) also checks, as shards are
+read, the sha256 of their tensors and metadata and of ids.json: a flipped bit in a shard's data or metadata is found.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 
@@ -28,7 +33,7 @@ from ..utils.io import atomic_path, read_json
 logger = logging.get_logger(__name__)
 
 FORMAT = "vl-joint-encoder-embeddings"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 IDS = "ids.json"
@@ -42,7 +47,60 @@ def shard_name(index: int) -> str:
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's bytes (contiguous CPU copy)."""
     data = tensor.detach().contiguous().cpu()
-    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
+    return hashlib.sha256(data.view(torch.uint8).numpy().data if data.numel() else b"").hexdigest()  # no copy
+
+
+def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    """sha256 of a file's bytes, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of a manifest's canonical JSON without its `manifest_sha256` field."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def metadata_checksum(metadata: dict) -> str:
+    """sha256 of a shard's metadata (canonical JSON): with the tensors' checksums, what identifies a shard's content."""
+    return hashlib.sha256(json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# what an encoding folder may hold besides hidden temporaries (`utils.io.atomic_path`)
+OWN_ENTRIES = {PLAN, MANIFEST, IDS, SHARD_DIR}
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> None:
+    """
+    Refuse to write an encoding into a folder another tool wrote (an extract-features folder, a training output, any
+    non-empty folder without this format's plan.json): its files would be overwritten or mixed with shards.
+    """
+    output_dir = os.fspath(output_dir)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"output folder {output_dir!r} is a file: give a new or empty folder")
+    if not os.path.isdir(output_dir):
+        return
+    entries = sorted(e for e in os.listdir(output_dir) if not e.startswith("."))
+    if not entries:
+        return
+    plan_path = os.path.join(output_dir, PLAN)
+    plan = None
+    if os.path.isfile(plan_path):
+        try:
+            plan = read_json(plan_path, "encoding plan")
+        except ValueError:
+            plan = None
+    foreign = [e for e in entries if e not in OWN_ENTRIES]
+    if not isinstance(plan, dict) or plan.get("format") != FORMAT or foreign:
+        shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+        raise ValueError(
+            f"{output_dir!r} is not empty and was not written by `vl-joint-encoder encode` (it holds {shown}): "
+            f"nothing was written into it. Give a new or empty --output_dir"
+        )
 
 
 def write_shard(
@@ -52,8 +110,10 @@ def write_shard(
     positions: torch.Tensor,
     plan_hash: str,
     model_hash: str,
+    extra: dict[str, str] | None = None,
 ) -> dict:
-    """Write shard `index` atomically (temp file, then os.replace): a crash never leaves a complete-looking shard."""
+    """Write shard `index` atomically (temp file, then os.replace): a crash never leaves a complete-looking shard.
+    `extra`: more string metadata (the encoder's fingerprints of the rows)."""
     path = os.path.join(output_dir, shard_name(index))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     embeddings, positions = embeddings.contiguous().cpu(), positions.to(torch.int64).contiguous().cpu()
@@ -64,6 +124,8 @@ def write_shard(
         "plan_hash": plan_hash,
         "model_hash": model_hash,
         "sha256": tensor_sha256(embeddings),
+        "positions_sha256": tensor_sha256(positions),
+        **(extra or {}),
     }
     with atomic_path(path) as tmp:
         save_file({"embeddings": embeddings, "positions": positions}, tmp, metadata=metadata)
@@ -84,7 +146,10 @@ def load_shard(path: str | os.PathLike, verify: bool = True) -> tuple[torch.Tens
     with safe_open(os.fspath(path), framework="pt") as f:
         metadata = f.metadata() or {}
         embeddings, positions = f.get_tensor("embeddings"), f.get_tensor("positions")
-    if verify and tensor_sha256(embeddings) != metadata.get("sha256"):
+    if verify and (
+        tensor_sha256(embeddings) != metadata.get("sha256")
+        or ("positions_sha256" in metadata and tensor_sha256(positions) != metadata["positions_sha256"])
+    ):
         raise ValueError(f"shard {os.fspath(path)!r} is corrupted (checksum mismatch): delete it and re-run encode")
     return embeddings, positions, metadata
 
@@ -92,8 +157,9 @@ def load_shard(path: str | os.PathLike, verify: bool = True) -> tuple[torch.Tens
 class EmbeddingStore:
     """
     A finished encoding directory: `manifest`, `ids` (position -> passage id), `similarity`, `model_hash`, and
-    `chunks(rows)` yielding (embeddings, positions) from the shards. Opening checks the manifest against the shard
-    files (count, model, no stray shards from another model); `verify=True` also checks every shard's checksum.
+    `chunks(rows)` yielding (embeddings, positions) from the shards. Opening checks the manifest (its own checksum)
+    against the files (sizes, count, model, no stray shards from another model); `verify=True` also checks ids.json's
+    sha256 and, as shards are read, the checksums of their tensors and metadata.
     """
 
     def __init__(self, directory: str | os.PathLike, verify: bool = False):
@@ -109,6 +175,14 @@ class EmbeddingStore:
         self.manifest = read_json(manifest_path, "embeddings manifest")
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{manifest_path} is not a {FORMAT} manifest")
+        if "manifest_sha256" in self.manifest:
+            if manifest_checksum(self.manifest) != self.manifest["manifest_sha256"]:
+                raise ValueError(
+                    f"{manifest_path} was modified or corrupted after encoding (its checksum does not match): re-run "
+                    f"the encode command into a new folder"
+                )
+        else:
+            logger.warning(f"{manifest_path} was written by an earlier version (no checksums of its files)")
         self.verify = verify
         self._check_shards()
         self._ids: list[str] | None = None
@@ -157,6 +231,20 @@ class EmbeddingStore:
                 f"{self.directory!r} mixes shards from different models: {foreign[:5]} were not encoded with model "
                 f"{self.model_hash[:12]} of the manifest; encode each model into its own directory"
             )
+        for entry in [self.manifest.get("ids"), *self.manifest["shards"]]:
+            if entry is None or "bytes" not in entry:
+                continue
+            path = os.path.join(self.directory, entry["file"])
+            size = os.path.getsize(path) if os.path.isfile(path) else None
+            if size != entry["bytes"]:
+                raise ValueError(
+                    f"{path} has {size} bytes but the manifest records {entry['bytes']}: it was changed or truncated "
+                    f"after encoding; re-run encode into a new folder"
+                )
+            if self.verify and entry is self.manifest.get("ids") and file_sha256(path) != entry["sha256"]:
+                raise ValueError(
+                    f"{path} is corrupted (its sha256 differs from the manifest's): re-run encode into a new folder"
+                )
         rows = sum(int(entry["rows"]) for entry in self.manifest["shards"])
         if rows != self.count:
             raise ValueError(f"shards hold {rows} rows but the manifest counts {self.count}: re-run encode")
@@ -165,7 +253,15 @@ class EmbeddingStore:
         """(embeddings (n, D), positions (n,)) per shard, split into pieces of at most `max_rows` rows."""
         for entry in self.manifest["shards"]:
             embeddings, positions, metadata = load_shard(os.path.join(self.directory, entry["file"]), self.verify)
-            if metadata.get("sha256") != entry["sha256"] or embeddings.shape[0] != int(entry["rows"]):
+            if (
+                metadata.get("sha256") != entry["sha256"]
+                or embeddings.shape[0] != int(entry["rows"])
+                or (
+                    self.verify
+                    and "metadata_sha256" in entry
+                    and metadata_checksum(metadata) != entry["metadata_sha256"]
+                )
+            ):
                 raise ValueError(
                     f"shard {entry['file']} does not match the manifest (re-encoded since?): re-run encode"
                 )
@@ -182,4 +278,15 @@ class EmbeddingStore:
         return embeddings[order], positions[order]
 
 
-__all__ = ["EmbeddingStore", "load_shard", "read_shard_metadata", "shard_name", "tensor_sha256", "write_shard"]
+__all__ = [
+    "EmbeddingStore",
+    "check_output_dir",
+    "file_sha256",
+    "manifest_checksum",
+    "metadata_checksum",
+    "load_shard",
+    "read_shard_metadata",
+    "shard_name",
+    "tensor_sha256",
+    "write_shard",
+]

@@ -1,0 +1,224 @@
+"""`encode` end to end on a synthetic ViQuAE-shaped KB: the KB path alone (forward stubbed) at growing sizes, and the
+real encode against the model's forward-only throughput on the same batches.
+
+    python benchmarks/bench_encode_kb.py kb-path --sizes 100000 1000000 --formats jsonl disk parquet
+    python benchmarks/bench_encode_kb.py kb-path --sizes 100000 --images          # one image per article (~8 passages)
+    python benchmarks/bench_encode_kb.py model --passages 2048 [--images]         # end to end / forward-only ratio
+
+KB: passages "Article {a}" (title) + 100 words, 8 passages per article, ids p0..p{n-1}; with --images each article
+has one small JPEG (rows of an article share it). Loaded the way users load it: a JSONL file through `datasets`, a
+`save_to_disk` folder, or a Parquet file (all via `vl-joint-encoder encode`'s own reader, `read_knowledge_base`).
+
+kb-path: `encode_knowledge_base` with a stub model (returns zeros, no compute) and, by default, a stub tokenizer (one
+token per passage), so the time is the KB path: reading and validating the table (`data.tables`), the image check,
+the per-shard fingerprints, the length sort, batching, image loading (--images) and writing shards. Reported: time
+per passage of each part, flat when it does not grow with the KB size, and peak resident memory.
+model: a small T5-shaped JointEncoderModel (d_model 256, 4 layers, 8 heads, max 256 tokens), `encode_knowledge_base`
+end to end vs `model.encode` alone on the same (pre-built) batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+
+WORDS = ("the a of tower bridge river castle painter born city museum song king queen war built year north old "
+         "church village empire battle film album team river island school").split()  # fmt: skip
+
+
+def write_kb(folder: str, n: int, fmt: str, images: bool, seed: int = 0) -> str:
+    """A synthetic KB of `n` passages in `folder` as `fmt` (jsonl | disk | parquet); returns its path."""
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    words = np.array(WORDS)
+    image_dir = os.path.join(folder, "images")
+    if images:
+        from PIL import Image
+
+        os.makedirs(image_dir, exist_ok=True)
+        pixels = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        for article in range((n + 7) // 8):
+            Image.fromarray(np.roll(pixels, article, axis=0)).save(os.path.join(image_dir, f"{article}.jpg"))
+    jsonl = os.path.join(folder, "kb.jsonl")
+    with open(jsonl, "w") as f:
+        for start in range(0, n, 10_000):
+            count = min(10_000, n - start)
+            lengths = rng.integers(80, 121, count)
+            block = rng.integers(0, len(words), (count, 120))
+            for i in range(count):
+                row = start + i
+                record = {"id": f"p{row}", "title": f"Article {row // 8}",
+                          "text": " ".join(words[block[i, : lengths[i]]])}  # fmt: skip
+                if images:
+                    record["image"] = f"images/{row // 8}.jpg"
+                f.write(json.dumps(record) + "\n")
+    if fmt == "jsonl":
+        return jsonl
+    table = datasets.load_dataset("json", data_files=jsonl, split="train")
+    if fmt == "disk":
+        path = os.path.join(folder, "kb_disk")
+        table.save_to_disk(path)
+    else:
+        path = os.path.join(folder, "kb.parquet")
+        table.to_parquet(path)
+    os.remove(jsonl)
+    return path
+
+
+class StubModel(torch.nn.Module):
+    """No compute: `encode` returns zeros (b, dim). Has what `encode_knowledge_base` reads (config, parameters)."""
+
+    def __init__(self, dim: int = 768):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = type("Config", (), {"similarity": "dot", "embedding_dim": dim, "normalize": False,
+                                          "feat_dim": None, "_name_or_path": "stub"})()  # fmt: skip
+
+    def encode(self, normalize=None, **batch):
+        return torch.zeros(batch["input_ids"].shape[0], self.config.embedding_dim)
+
+
+class StubTokenizer:
+    """One token per text: no tokenisation cost; for images returns no pixels (the files are still opened)."""
+
+    def encode_text(self, texts, **kwargs):
+        n = len(texts)
+        return {"input_ids": torch.ones(n, 1, dtype=torch.long), "attention_mask": torch.ones(n, 1, dtype=torch.long)}
+
+    def __call__(self, text=None, images=None, **kwargs):
+        return self.encode_text(text)
+
+    @property
+    def tokenizer(self):  # a "processor" (images allowed), distinct from its tokenizer
+        return object()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def kb_path(args) -> list[dict]:
+    from vl_joint_encoder.data.tables import read_knowledge_base
+    from vl_joint_encoder.retrieval.encode import encode_knowledge_base, kb_columns
+
+    rows = []
+    for n in args.sizes:
+        for fmt in args.formats:
+            folder = tempfile.mkdtemp(prefix="bench-kb-", dir=args.workdir)
+            try:
+                t0 = time.perf_counter()
+                path = write_kb(folder, n, fmt, args.images)
+                t_write = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                kb = read_knowledge_base(path, kb_columns())  # what encode does first (data.tables)
+                t_read = time.perf_counter() - t0
+                processor = StubTokenizer() if not args.real_tokenizer else _tokenizer()
+                t0 = time.perf_counter()
+                encode_knowledge_base(StubModel(), processor, kb, os.path.join(folder, "out"), batch_size=64,
+                                      shard_size=10_000, max_length=256, progress=False,
+                                      image_root=folder if args.images else None)  # fmt: skip
+                t_encode = time.perf_counter() - t0
+                row = {"passages": n, "format": fmt, "images": args.images,
+                       "tokenizer": "real" if args.real_tokenizer else "stub",
+                       "read_and_validate_us_per_passage": round(t_read / n * 1e6, 2),
+                       "encode_kb_path_us_per_passage": round(t_encode / n * 1e6, 2),
+                       "total_s": round(t_read + t_encode, 1), "write_kb_s": round(t_write, 1),
+                       "peak_rss_MB": round(peak_rss_mb())}  # fmt: skip
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                del kb
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
+def _tokenizer():
+    from vl_joint_encoder.tokenization_joint_encoder import train_vl_t5_tokenizer
+
+    return train_vl_t5_tokenizer([" ".join(WORDS)] * 50, vocab_size=120)
+
+
+def model_ratio(args) -> dict:
+    from vl_joint_encoder import JointEncoderConfig, JointEncoderModel
+    from vl_joint_encoder.data.inputs import JointEncoderInputBuilder
+    from vl_joint_encoder.data.tables import read_knowledge_base
+    from vl_joint_encoder.retrieval.encode import _length_order, encode_knowledge_base, kb_columns
+    from vl_joint_encoder.retrieval.kb_reader import KBReader
+
+    folder = tempfile.mkdtemp(prefix="bench-kb-", dir=args.workdir)
+    try:
+        path = write_kb(folder, args.passages, "jsonl", False)
+        tokenizer = _tokenizer()
+        config = JointEncoderConfig(vocab_size=len(tokenizer), d_model=256, d_kv=32, d_ff=1024, num_layers=4,
+                                    num_heads=8, feat_dim=64)  # fmt: skip
+        torch.manual_seed(0)
+        model = JointEncoderModel(config).eval()
+        kb = read_knowledge_base(path, kb_columns())
+        # forward only, on the batches encode builds (same shard layout, same length order)
+        build = JointEncoderInputBuilder(tokenizer, 256)
+        reader, batches = KBReader(kb), []
+        for rows in reader.ranges(args.shard_size):
+            order = _length_order(rows.texts)
+            for start in range(0, len(order), args.batch_size):
+                batches.append(build([rows.texts[i] for i in order[start : start + args.batch_size]]))
+        results = {}
+        for repeat in range(args.repeats):  # interleaved: end to end, forward only
+            out = os.path.join(folder, f"out{repeat}")
+            t0 = time.perf_counter()
+            encode_knowledge_base(model, tokenizer, kb, out, batch_size=args.batch_size, shard_size=args.shard_size,
+                                  max_length=256, progress=False)  # fmt: skip
+            results.setdefault("end_to_end_s", []).append(time.perf_counter() - t0)
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                for batch in batches:
+                    model.encode(**batch)
+                results.setdefault("forward_only_s", []).append(time.perf_counter() - t0)
+        e2e, fwd = min(results["end_to_end_s"]), min(results["forward_only_s"])
+        row = {"passages": args.passages, "threads": torch.get_num_threads(), "end_to_end_s": round(e2e, 2),
+               "forward_only_s": round(fwd, 2), "passages_per_s": round(args.passages / e2e, 1),
+               "forward_only_over_end_to_end": round(fwd / e2e, 3),
+               "model": "JointEncoderModel d_model 256, 4 layers, 8 heads, 256 tokens, fp32 CPU"}  # fmt: skip
+        print(json.dumps(row), flush=True)
+        return row
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    kb = sub.add_parser("kb-path", help="forward stubbed: the KB path alone")
+    kb.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    kb.add_argument("--formats", nargs="+", default=["jsonl", "disk", "parquet"], choices=["jsonl", "disk", "parquet"])
+    kb.add_argument("--images", action="store_true", help="one JPEG per article (8 passages)")
+    kb.add_argument("--real_tokenizer", action="store_true", help="tokenise for real (a small trained tokenizer)")
+    model = sub.add_parser("model", help="end to end vs forward only, small model on CPU")
+    model.add_argument("--passages", type=int, default=2048)
+    model.add_argument("--batch_size", type=int, default=64)
+    model.add_argument("--shard_size", type=int, default=1024)
+    model.add_argument("--repeats", type=int, default=2)
+    for p in (kb, model):
+        p.add_argument("--workdir", default=None, help="where the synthetic KB is written (default: the temp dir)")
+        p.add_argument("--threads", type=int, default=None)
+        p.add_argument("--output", help="write the results as JSON")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = kb_path(args) if args.mode == "kb-path" else model_ratio(args)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"results": result, "args": vars(args)}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
