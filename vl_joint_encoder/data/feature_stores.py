@@ -54,6 +54,7 @@ FEATURE_FILE_SUFFIXES = (".npy", ".npz", ".safetensors")
 # the extract-features folder layout (written by data.extraction, read by ExtractedFeatureStore)
 EXTRACTION_MANIFEST = "manifest.json"
 EXTRACTED_ARRAYS = ("visual_feats", "visual_pos", "pooled")
+OPTIONAL_EXTRACTED_ARRAYS = ("image_embeds",)  # the global image embedding, when the extractor has one
 
 
 @runtime_checkable
@@ -151,8 +152,8 @@ def load_feature_file(path: str | os.PathLike) -> dict[str, np.ndarray | None]:
 
 # ------------------------------------------------------------------------------------------------ extract-features
 class ExtractedFeatureStore:
-    """An `extract-features` output folder: `store[image_id]` -> visual_feats (V, C), visual_pos (V, 4), pooled (C,).
-    Shards are read on first use and kept."""
+    """An `extract-features` output folder: `store[image_id]` -> visual_feats (V, C), visual_pos (V, 4), pooled (C,)
+    [, image_embeds (D,)]. Shards are read on first use and kept."""
 
     def __init__(self, output_dir: str | os.PathLike):
         self.path = os.path.abspath(os.fspath(output_dir))
@@ -204,9 +205,10 @@ class ExtractedFeatureStore:
                 self._open[name] = load_from_disk(shard_path).with_format("numpy")
         shard = self._open[name]
         if self.manifest["format"] == "safetensors":
-            return {key: shard[key][row] for key in EXTRACTED_ARRAYS}
+            return {key: shard[key][row] for key in EXTRACTED_ARRAYS + OPTIONAL_EXTRACTED_ARRAYS if key in shard}
         record = shard[row]
-        return {key: np.asarray(record[key], dtype=np.float32) for key in EXTRACTED_ARRAYS}
+        return {key: np.asarray(record[key], dtype=np.float32) for key in EXTRACTED_ARRAYS + OPTIONAL_EXTRACTED_ARRAYS
+                if key in record}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ the opener
