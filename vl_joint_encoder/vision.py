@@ -83,10 +83,14 @@ def load_clip_resnet_tower(checkpoint: str | os.PathLike, **overrides) -> torch.
     kind = clip_resnet_checkpoint_kind(checkpoint)
     if kind == "openai":
         tower = load_openai_checkpoint(checkpoint)
-        for name, value in overrides.items():
-            if value is not None:
-                setattr(tower.config, name, value)
-        type(tower.config)(**tower.config.to_dict())  # re-validate the overridden fields
+        given = {name: value for name, value in overrides.items() if value is not None}
+        if given.get("preprocessing") == "vl_adapter":
+            given.setdefault("input_size", 224)  # VL-Adapter's coco_CLIP.py feeds every ResNet at 224 px
+        if given:
+            config = tower.config.to_dict()
+            for key in ("model_type", "transformers_version", "auto_map", "architectures"):
+                config.pop(key, None)
+            tower.config = type(tower.config)(**{**config, **given})  # validated; the weights' sizes are unchanged
         return tower.eval()
     if kind == "folder":
         tower = CLIPResNetVisionModel.from_pretrained(checkpoint)

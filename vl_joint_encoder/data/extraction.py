@@ -79,12 +79,19 @@ def _image_projection(model: str):
     image embedding)."""
     from transformers import AutoConfig, CLIPVisionModelWithProjection
 
-    if AutoConfig.from_pretrained(model).model_type not in ("clip", "clip_vision_model"):
+    config = AutoConfig.from_pretrained(model)
+    if config.model_type not in ("clip", "clip_vision_model"):
         return None
+    if config.model_type == "clip":  # the projection size is the full model's projection_dim
+        vision_config = config.vision_config
+        vision_config.projection_dim = config.projection_dim
+        config = vision_config
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        with_projection, info = CLIPVisionModelWithProjection.from_pretrained(model, output_loading_info=True)
+        with_projection, info = CLIPVisionModelWithProjection.from_pretrained(
+            model, config=config, output_loading_info=True
+        )
     finally:
         logging.set_verbosity(verbosity)
     if any(key.startswith("visual_projection") for key in info["missing_keys"]):
@@ -230,6 +237,9 @@ def _write_shard(output_dir: str, name: str, output_format: str, ids: list[str],
 
 
 def _write_shard_to(tmp: str, output_format: str, ids: list[str], arrays: dict[str, np.ndarray]) -> None:
+    # safetensors writes the raw buffer: a strided array (a CLIP-ResNet grid is a transposed view) must be made
+    # C-contiguous first, or the file holds the values in memory order, not in (N, V, C) order
+    arrays = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
     if output_format == "safetensors":
         from safetensors.numpy import save_file
 
