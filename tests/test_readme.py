@@ -145,7 +145,6 @@ def test_the_all_extra_installs_what_the_readme_imports():
 def write_fixtures(root: Path, demo_dir: str, hub_folders: dict) -> None:
     """The files the README's commands read, in the layouts they name (see the module docstring)."""
     import torch
-    from datasets import Dataset, DatasetDict
     from hub_models import T5_BASE
     from test_conversion import original_checkpoint
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
