@@ -197,6 +197,9 @@ def attach_vision_tower(
             config_dict[name] = value
     for key in ("model_type", "transformers_version", "architectures", "auto_map"):
         config_dict.pop(key, None)
+    # the converter's record of the precomputed features the checkpoint was trained on: the tower now makes them
+    if config_dict.pop("visual_features", None):
+        logger.info("the tower replaces the checkpoint's precomputed visual features (config.visual_features dropped)")
     new_config = JointEncoderConfig(**config_dict)
     new_config._attn_implementation = model.config._attn_implementation
     new_model = JointEncoderModel(new_config)
