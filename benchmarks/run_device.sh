@@ -22,3 +22,4 @@ run encoder_cpu_fp32 90 python3 benchmarks/bench_encoder.py --size small --devic
 run search_gpu 80 python3 benchmarks/bench_search.py --device cuda --output "$OUT/search_gpu.json"
 run search_cpu 100 python3 benchmarks/bench_search.py --device cpu --output "$OUT/search_cpu.json"
 run training_gpu 100 python3 benchmarks/bench_training.py --device cuda --size small --batch-sizes 64 128 256 512 1024 --chunk-size 64 --json "$OUT/training_gpu.json"
+run extract_gpu 120 python3 benchmarks/bench_extract.py --device cuda --num-images 1024 --batch-size 256 --extractors RN50 RN101 ViT-B/32 --json "$OUT/extract_gpu.json"

@@ -392,6 +392,59 @@ def _describe(keys: list[str], limit: int = 6) -> str:
     return text + (", ..." if len(groups) > limit else "") if groups else "none"
 
 
+# the command that makes each family's features from a folder of photos (README "Features from photos")
+CLIP_GRID_COMMAND = (
+    "vl-joint-encoder extract-features --model RN101.pt --preprocessing vl_adapter --images PHOTOS --output FEATURES"
+)
+REGION_ROUTE = (
+    "no detector installs here: read the released *_obj36.h5 files (or LXMERT's *_obj36.tsv) with --feature_store, "
+    "or run the bottom-up-attention detector elsewhere and write that HDF5 layout (docs/visual_features.md)"
+)
+
+
+def expected_visual_features(source: str, config: JointEncoderConfig) -> dict | None:
+    """The features a converted checkpoint was trained on, recorded as `config.visual_features` (the card names them;
+    encode / search refuse others: `vl_joint_encoder.data.feature_stores.check_visual_features`). None for T5 / BART
+    sources, whose visual embedding is new and takes any extractor once fine-tuned."""
+    if source in ("vl-adapter", "vl-adapter-bart"):
+        rn101 = config.feat_dim == 2048
+        return {
+            "kind": "clip_grid",
+            "backbone": "RN101" if rn101 else None,
+            "layer": "layer4 (the grid before the attention pool)",
+            "grid": [7, 7],
+            "num_tokens": 49,
+            "feat_dim": config.feat_dim,
+            "boxes": False,
+            "preprocessing": "vl_adapter",
+            "downsample": "7 x 7 -> 6 x 6 max pool inside the model" if config.visual_downsample_size else None,
+            "description": (
+                "CLIP RN101 layer4 grid, 7 x 7 = 49 tokens of 2048-d, from 224 x 224 bicubic squashed RGB images "
+                "(ylsung/VL_adapter feature_extraction/coco_CLIP.py), zero boxes"
+                if rn101 else f"a CLIP grid of 49 tokens of {config.feat_dim}-d (VL-Adapter's coco_CLIP.py), zero boxes"
+            ),
+            "extract": CLIP_GRID_COMMAND,
+        }
+    if source in ("vl-t5", "vl-bart"):
+        return {
+            "kind": "faster_rcnn",
+            "backbone": "Faster R-CNN ResNet-101 C4 trained on Visual Genome (bottom-up attention)",
+            "layer": "res5 box features, mean-pooled",
+            "grid": None,
+            "num_tokens": 36,
+            "feat_dim": config.feat_dim,
+            "boxes": True,
+            "preprocessing": None,
+            "downsample": None,
+            "description": (
+                f"36 bottom-up-attention regions of {config.feat_dim}-d with their boxes (VL-T5 / LXMERT "
+                "*_obj36.h5 layout)"
+            ),
+            "extract": REGION_ROUTE,
+        }
+    return None
+
+
 def write_model_card(result: ConversionResult, checkpoint: Path, repo_id: str | None, new_keys: list[str]):
     import transformers
 
@@ -456,6 +509,7 @@ def write_model_card(result: ConversionResult, checkpoint: Path, repo_id: str | 
         has_tokenizer=result.has_tokenizer,
         example_visual_tokens=49 if config.visual_downsample_size else 36,
         feature_note=feature_note,
+        visual_features=getattr(config, "visual_features", None),
         encoder_description="BART encoder layers" if bart else "T5 encoder blocks",
         visual_norm_description=norm_description,
         example_ids="[0, 13, 27, 5, 2]" if bart else "[13, 27, 5, 1]",
@@ -838,6 +892,7 @@ def convert(
             f"{'VL-BART' if model.config.backbone == 'bart' else 'VL-T5'} one)"
         )
 
+    model.config.visual_features = expected_visual_features(source, model.config)
     tmp = _prepare_output(output_dir, overwrite)
     try:
         model.save_pretrained(tmp)

@@ -219,6 +219,7 @@ def test_vl_t5_conversion_matches_the_reference(tmp_path, variant):
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "README.md",
+        "clip_resnet.py",  # remote code: the config module imports it for CLIP-ResNet towers
         "config.json",
         "configuration_joint_encoder.py",
         "model.safetensors",

@@ -117,7 +117,7 @@ def test_vl_bart_conversion_matches_the_reference(tmp_path, variant):
                                          share_vis_lang_layer_norm=share, **inputs)
     torch.testing.assert_close(hidden, expected, atol=ATOL, rtol=0)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "README.md", "config.json", "configuration_joint_encoder.py", "model.safetensors", "modeling_joint_encoder.py",
+        "README.md", "clip_resnet.py", "config.json", "configuration_joint_encoder.py", "model.safetensors", "modeling_joint_encoder.py",
     ]
     assert not leftovers(tmp_path / "snap")
 

@@ -156,7 +156,9 @@ def write_fixtures(root: Path, demo_dir: str, hub_folders: dict) -> None:
     vocab_size = len(build_vl_t5_tokenizer(AutoTokenizer.from_pretrained(hub_folders[T5_BASE])))
     (root / "snap/pretrain/VLT5").mkdir(parents=True)
     torch.save(original_checkpoint(seed=1, vocab_size=vocab_size)[0], root / "snap/pretrain/VLT5/Epoch30.pth")
-    torch.save(original_checkpoint(seed=2, tasks=("vqa", "gqa"), vocab_size=vocab_size)[0], root / "LAST.pth")
+    # VL-Adapter files take 64-d grids: the width of the tiny CLIP ResNet standing in for RN101.pt (below)
+    torch.save(original_checkpoint(seed=2, tasks=("vqa", "gqa"), vocab_size=vocab_size, feat_dim=64)[0],
+               root / "LAST.pth")  # fmt: skip
     # ./t5-small: a transformers T5 folder with its tokenizer (tiny)
     tokenizer = train_vl_t5_tokenizer(["who built this bridge", "a red bridge over a river"] * 20, vocab_size=40,
                                       n_vis=0)  # fmt: skip
@@ -178,7 +180,8 @@ def write_fixtures(root: Path, demo_dir: str, hub_folders: dict) -> None:
 
     width = dict(d_model=768, encoder_layers=1, decoder_layers=1, ffn_dim=64)
     save_checkpoint(vl_bart_state_dict(1, **width), root / "snap/pretrain/VLBart/Epoch30.pth")
-    save_checkpoint(vl_adapter_bart_state_dict(2, **width), root / "snap/VLBart_multitask/LAST.pth")
+    save_checkpoint(vl_adapter_bart_state_dict(2, **width, feat_dim=64), root / "snap/VLBart_multitask/LAST.pth")
+    write_visual_feature_fixtures(root)
     torch.manual_seed(4)
     bart_kwargs = {**bart_config_kwargs(vocab_size=BASE_VOCAB_SIZE), "d_model": 768, "encoder_layers": 1,
                    "decoder_layers": 1, "encoder_attention_heads": 12, "decoder_attention_heads": 12,
@@ -190,6 +193,31 @@ def write_fixtures(root: Path, demo_dir: str, hub_folders: dict) -> None:
 
     write_viquae_miniature(root, n_articles=48)  # ~170 passages, 22 training questions: a batch of 16 fits
     shutil.copytree(ROOT / "examples", root / "examples")  # the README's commands run from the repository root
+
+
+def write_visual_feature_fixtures(root: Path) -> None:
+    """`RN101.pt`: a tiny CLIP ResNet in OpenAI's layout (64-d grid, 7 x 7 at 224 px, random weights); `kb-photos.jsonl`
+    (the photos of the Images section by id); `val2014_obj36.h5`: 36 regions (16-d, the VL-BART fixture's feat_dim)
+    with boxes per photo, in VL-T5's layout."""
+    import h5py
+    import numpy as np
+    import torch
+    from reference_clip_resnet import random_openai_visual_state_dict
+
+    torch.save(random_openai_visual_state_dict(layers=(1, 1, 1, 1), width=2, image_size=224, output_dim=8, seed=3),
+               root / "RN101.pt")  # fmt: skip
+    names = {"coffee": "a cup of coffee", "astronaut": "an astronaut", "chelsea": "a cat", "rocket": "a rocket"}
+    (root / "kb-photos.jsonl").write_text(
+        "".join(json.dumps({"id": f"p-{n}", "text": t, "image": n}) + "\n" for n, t in names.items())
+    )
+    rng = np.random.default_rng(0)
+    with h5py.File(root / "val2014_obj36.h5", "w") as f:
+        for name in names:
+            group = f.create_group(name)
+            xy = rng.uniform(0, 200, (36, 2))
+            group["boxes"] = np.concatenate([xy, xy + rng.uniform(10, 200, (36, 2))], 1).astype(np.float32)
+            group["features"] = rng.standard_normal((36, 16)).astype(np.float32)
+            group["img_w"], group["img_h"] = 400, 400
 
 
 def run_in_process(argv: list[str]) -> int:
@@ -269,7 +297,7 @@ def test_readme_runs_top_to_bottom(tmp_path, monkeypatch, demo_run, model_hub):
     for folder in ("pipeline", "feats-photos", "t5-base-clip", "vlt5-clip", "vladapter-vqa-features", "vlt5-encoder",
                    "vladapter-vqa", "vlbart-encoder", "vladapter-bart-vqa", "t5-joint-encoder", "bart-joint-encoder", "trained",
                    "kb_emb", "kb_hnsw", "feats", "viquae-run",
-                   "kb_emb_features"):  # fmt: skip
+                   "kb_emb_features", "feats-rn101", "kb_emb_rn101", "kb_emb_regions"):  # fmt: skip
         assert (tmp_path / folder).is_dir(), folder
     demo_qrels = json.loads((tmp_path / "vl-joint-encoder-demo/data/qrels.test.json").read_text())
     assert json.loads((tmp_path / "qrels.json").read_text()) == demo_qrels  # `qrels` = the demo's own qrels

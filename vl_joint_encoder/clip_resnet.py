@@ -49,6 +49,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttenti
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PREPROCESSING_MODES = ("clip", "vl_adapter")
 
 # openai/CLIP `clip/clip.py` _MODELS and `build_model` (open_clip `model_configs/RN*.json` agree):
 # output_dim is CLIP's joint embedding size (text_projection.shape[1]); heads = width * 32 // 64.
@@ -77,6 +78,12 @@ class CLIPResNetVisionConfig(PreTrainedConfig):
         batch_norm_eps (`float`): BatchNorm epsilon (torch's default 1e-5, as OpenAI's).
         initializer_range (`float`): std of the attention-pool projections is `hidden_size ** -0.5` (OpenAI);
             this scales it (1.0 = OpenAI's initialisation).
+        preprocessing (`str`): how images become `pixel_values` for this tower: `"clip"` (OpenAI's `_transform`:
+            shortest edge + center crop; ViQuAE's `clip-RN50`) or `"vl_adapter"` (VL-Adapter's `coco_CLIP.py`:
+            RGB, squash to a square). Read by the extractor and by the joint encoder's processor.
+        input_size (`int`, *optional*): the resolution images are preprocessed to (default `image_size`).
+            VL-Adapter feeds every ResNet, RN50x4 included, at 224 px: `input_size=224` then gives RN50x4 a 7 x 7
+            grid; the attention pool's positional embedding is then resized (bicubic; only `pooler_output` uses it).
     """
 
     model_type = "clip_resnet_vision_model"
@@ -91,9 +98,15 @@ class CLIPResNetVisionConfig(PreTrainedConfig):
         num_channels: int = 3,
         batch_norm_eps: float = 1e-5,
         initializer_range: float = 1.0,
+        preprocessing: str = "clip",
+        input_size: int | None = None,
         **kwargs,
     ):
         layers = [int(n) for n in layers]
+        if preprocessing not in PREPROCESSING_MODES:
+            raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}, got {preprocessing!r}")
+        if input_size is not None and (input_size < 32 or input_size % 32):
+            raise ValueError(f"input_size must be a positive multiple of 32 (the tower's total stride), got {input_size}")
         if len(layers) != 4 or any(n < 1 for n in layers):
             raise ValueError(f"layers must be 4 positive block counts (one per stage), got {layers}")
         if width < 2 or width % 2:
@@ -112,7 +125,24 @@ class CLIPResNetVisionConfig(PreTrainedConfig):
         self.num_channels = int(num_channels)
         self.batch_norm_eps = float(batch_norm_eps)
         self.initializer_range = float(initializer_range)
+        self.preprocessing = preprocessing
+        self.input_size = None if input_size is None or int(input_size) == self.image_size else int(input_size)
         super().__init__(**kwargs)
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """Stages after the stem: `hidden_states` has this + 1 entries (stem, layer1..layer4)."""
+        return 4
+
+    @property
+    def resolution(self) -> int:
+        """The side images are preprocessed to: `input_size`, else `image_size`."""
+        return self.input_size or self.image_size
+
+    @property
+    def output_grid_size(self) -> int:
+        """Side of the layer4 grid at `resolution` (VL-Adapter: 7)."""
+        return self.resolution // 32
 
     @property
     def hidden_size(self) -> int:
@@ -130,6 +160,12 @@ class CLIPResNetVisionConfig(PreTrainedConfig):
         if name not in CLIP_RESNET_PRESETS:
             raise ValueError(f"unknown CLIP ResNet preset {name!r}; known: {sorted(CLIP_RESNET_PRESETS)}")
         return cls(**{**CLIP_RESNET_PRESETS[name], **overrides})
+
+    @classmethod
+    def vl_adapter(cls, name: str = "RN101", **overrides) -> CLIPResNetVisionConfig:
+        """The tower as ylsung/VL_adapter `feature_extraction/coco_CLIP.py` runs it: preset `name`, VL-Adapter's
+        preprocessing (RGB, bicubic squash to 224 x 224) at 224 px for every model (RN50x4 too: a 7 x 7 grid)."""
+        return cls.from_preset(name, **{"preprocessing": "vl_adapter", "input_size": 224, **overrides})
 
 
 class CLIPResNetBottleneck(nn.Module):
@@ -293,7 +329,7 @@ class CLIPResNetVisionModel(CLIPResNetPreTrainedModel):
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        interpolate_pos_encoding: bool = False,
+        interpolate_pos_encoding: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
@@ -304,6 +340,8 @@ class CLIPResNetVisionModel(CLIPResNetPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if interpolate_pos_encoding is None:  # a config with input_size != image_size is meant to run at input_size
+            interpolate_pos_encoding = self.config.input_size is not None
         tower = self.visual
         x = pixel_values.to(tower.conv1.weight.dtype)
         x = tower.stem(x)
@@ -590,6 +628,11 @@ def pixel_values_for(images, mode: str = "vl_adapter", image_size: int = 224) ->
     return torch.from_numpy(np.stack([PREPROCESSORS[mode](image, image_size) for image in images]))
 
 
+def pixel_values_for_config(images, config: CLIPResNetVisionConfig) -> torch.Tensor:
+    """`pixel_values_for` with the config's `preprocessing` and `resolution` (what the tower was meant to see)."""
+    return pixel_values_for(images, config.preprocessing, config.resolution)
+
+
 def clip_image_processor_kwargs(mode: str = "vl_adapter", image_size: int = 224) -> dict:
     """Keyword arguments of transformers' `CLIPImageProcessor` closest to `mode` (for a processor saved next to a
     model). It is not bit-exact to the functions above: see docs/visual_features.md for the measured difference."""
@@ -628,6 +671,7 @@ __all__ = [
     "CLIP_RESNET_PRESETS",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
+    "PREPROCESSING_MODES",
     "CLIPResNetVisionConfig",
     "CLIPResNetVisionModel",
     "center_crop",
@@ -640,6 +684,7 @@ __all__ = [
     "load_openai_state_dict",
     "normalize_image",
     "pixel_values_for",
+    "pixel_values_for_config",
     "shortest_edge_size",
     "vl_adapter_downsample",
     "vl_adapter_preprocess",

@@ -319,11 +319,17 @@ class JointEncoderConfig(PreTrainedConfig):
 
             vision_config = dict(vision_config)
             vision_model_type = vision_config.pop("model_type", "clip_vision_model")
-            if vision_model_type not in CONFIG_MAPPING:
+            if vision_model_type == "clip_resnet_vision_model":  # the OpenAI CLIP ResNet (VL-Adapter's RN101 grids)
+                from .clip_resnet import CLIPResNetVisionConfig
+
+                vision_config.pop("auto_map", None)
+                vision_config = CLIPResNetVisionConfig(**vision_config)
+            elif vision_model_type not in CONFIG_MAPPING:
                 raise ValueError(
                     f"vision_config has model_type {vision_model_type!r}, unknown to this transformers version"
                 )
-            vision_config = CONFIG_MAPPING[vision_model_type](**vision_config)
+            else:
+                vision_config = CONFIG_MAPPING[vision_model_type](**vision_config)
         elif vision_config is not None and not isinstance(vision_config, PreTrainedConfig):
             raise ValueError(
                 f"vision_config must be a transformers config (e.g. CLIPVisionConfig) or a dict, got "

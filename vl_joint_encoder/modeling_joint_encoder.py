@@ -691,7 +691,11 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
             nn.Linear(config.d_model, config.projection_dim) if config.projection_dim is not None else None
         )
         self.vision_model = None
-        if config.vision_config is not None:
+        if config.vision_config is not None and config.vision_config.model_type == "clip_resnet_vision_model":
+            from .clip_resnet import CLIPResNetVisionModel  # not an Auto class of transformers
+
+            self.vision_model = CLIPResNetVisionModel(config.vision_config)
+        elif config.vision_config is not None:
             self.vision_model = AutoModel.from_config(config.vision_config)
         self.gradient_checkpointing = False
         self.post_init()

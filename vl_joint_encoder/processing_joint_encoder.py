@@ -38,6 +38,10 @@ def image_processor_for_config(config):
     """The default image processor (PIL backend) for a joint encoder config's vision tower, at its image size."""
     vision_config = config.vision_config
     size = vision_config.image_size
+    if vision_config.model_type == "clip_resnet_vision_model":  # OpenAI's or VL-Adapter's preprocessing
+        from .clip_resnet import clip_image_processor_kwargs
+
+        return default_image_processor(**clip_image_processor_kwargs(vision_config.preprocessing, vision_config.resolution))
     if vision_config.model_type.startswith("siglip"):
         from transformers import SiglipImageProcessorPil  # SigLIP: plain resize to a square, mean = std = 0.5
 

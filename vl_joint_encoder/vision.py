@@ -45,19 +45,82 @@ def tiny_siglip_vision_config(**kwargs) -> SiglipVisionConfig:
     return SiglipVisionConfig(**{**_TINY_TOWER, **kwargs})
 
 
+def tiny_clip_resnet_config(**kwargs):
+    """A tiny OpenAI-CLIP ModifiedResNet (one block per stage, width 8: 256-d grid tokens, 7 x 7 grid at 224 px,
+    VL-Adapter's preprocessing) for tests and demos; keyword arguments override any `CLIPResNetVisionConfig` field."""
+    from .clip_resnet import CLIPResNetVisionConfig
+
+    values = {"layers": (1, 1, 1, 1), "width": 8, "image_size": 224, "output_dim": 24, "heads": 4,
+              "preprocessing": "vl_adapter", **kwargs}
+    return CLIPResNetVisionConfig(**values)
+
+
+def clip_resnet_checkpoint_kind(checkpoint: str | os.PathLike) -> str | None:
+    """'openai' for an OpenAI `RN*.pt` file (or a `.pt` / `.bin` state dict), 'folder' for a saved
+    `CLIPResNetVisionModel`, None for anything else (a transformers checkpoint or hub id)."""
+    import json
+
+    path = os.fspath(checkpoint)
+    if os.path.isfile(path) and path.endswith((".pt", ".pth", ".bin")):
+        return "openai"
+    config_file = os.path.join(path, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            try:
+                model_type = json.load(f).get("model_type")
+            except ValueError:
+                return None
+        return "folder" if model_type == "clip_resnet_vision_model" else None
+    return None
+
+
+def load_clip_resnet_tower(checkpoint: str | os.PathLike, **overrides) -> torch.nn.Module:
+    """A `CLIPResNetVisionModel` from an OpenAI `RN*.pt` file (TorchScript archive or state dict; sizes read off the
+    weights; `overrides` such as `preprocessing="vl_adapter", input_size=224` set the config's other fields) or from a
+    saved `CLIPResNetVisionModel` folder."""
+    from .clip_resnet import CLIPResNetVisionModel, load_openai_checkpoint
+
+    kind = clip_resnet_checkpoint_kind(checkpoint)
+    if kind == "openai":
+        tower = load_openai_checkpoint(checkpoint)
+        given = {name: value for name, value in overrides.items() if value is not None}
+        if given.get("preprocessing") == "vl_adapter":
+            given.setdefault("input_size", 224)  # VL-Adapter's coco_CLIP.py feeds every ResNet at 224 px
+        if given:
+            config = tower.config.to_dict()
+            for key in ("model_type", "transformers_version", "auto_map", "architectures"):
+                config.pop(key, None)
+            tower.config = type(tower.config)(**{**config, **given})  # validated; the weights' sizes are unchanged
+        return tower.eval()
+    if kind == "folder":
+        tower = CLIPResNetVisionModel.from_pretrained(checkpoint)
+        for name, value in overrides.items():
+            if value is not None and getattr(tower.config, name) != value:
+                raise ValueError(
+                    f"{checkpoint} is saved with {name}={getattr(tower.config, name)!r}; {value!r} would not be the "
+                    f"features it was saved for: drop the option (or save the tower with it)"
+                )
+        return tower.eval()
+    raise ValueError(f"{checkpoint} is neither an OpenAI CLIP ResNet .pt file nor a saved CLIPResNetVisionModel")
+
+
 def load_vision_tower(checkpoint: str | os.PathLike, **from_pretrained_kwargs) -> torch.nn.Module:
     """
     The vision half of a CLIP / SigLIP checkpoint (a full `CLIPModel`/`SiglipModel` or a bare vision model, local dir
     or hub id), as a `CLIPVisionModel` / `SiglipVisionModel`. Both layouts store the tower under `vision_model.`, so
-    the full model's text weights are simply not read.
+    the full model's text weights are simply not read. An OpenAI CLIP ResNet (`RN101.pt`) or a saved
+    `CLIPResNetVisionModel` folder gives a `CLIPResNetVisionModel` (`load_clip_resnet_tower`).
     """
     import transformers
 
+    if clip_resnet_checkpoint_kind(checkpoint) is not None:
+        return load_clip_resnet_tower(checkpoint)
     config = AutoConfig.from_pretrained(checkpoint, **from_pretrained_kwargs)
     if config.model_type not in _TOWERS:
         raise ValueError(
             f"{checkpoint!s} is a {config.model_type!r} checkpoint; attach_vision_tower supports {sorted(_TOWERS)} "
-            f"(CLIP or SigLIP, full model or vision model)"
+            f"(CLIP or SigLIP, full model or vision model), an OpenAI CLIP ResNet RN*.pt file or a saved "
+            f"CLIPResNetVisionModel folder"
         )
     attribute, class_name = _TOWERS[config.model_type]
     vision_config = getattr(config, attribute) if attribute else config
@@ -134,6 +197,9 @@ def attach_vision_tower(
             config_dict[name] = value
     for key in ("model_type", "transformers_version", "architectures", "auto_map"):
         config_dict.pop(key, None)
+    # the converter's record of the precomputed features the checkpoint was trained on: the tower now makes them
+    if config_dict.pop("visual_features", None):
+        logger.info("the tower replaces the checkpoint's precomputed visual features (config.visual_features dropped)")
     new_config = JointEncoderConfig(**config_dict)
     new_config._attn_implementation = model.config._attn_implementation
     new_model = JointEncoderModel(new_config)
@@ -172,7 +238,7 @@ def processor_for_tower(model: JointEncoderModel, tokenizer, vision_checkpoint: 
     from .processing_joint_encoder import JointEncoderProcessor
 
     image_processor = None
-    if vision_checkpoint is not None:
+    if vision_checkpoint is not None and clip_resnet_checkpoint_kind(vision_checkpoint) is None:
         try:
             image_processor = AutoImageProcessor.from_pretrained(vision_checkpoint, backend="pil")
         except OSError:
@@ -182,8 +248,11 @@ def processor_for_tower(model: JointEncoderModel, tokenizer, vision_checkpoint: 
 
 __all__ = [
     "attach_vision_tower",
+    "clip_resnet_checkpoint_kind",
+    "load_clip_resnet_tower",
     "load_vision_tower",
     "processor_for_tower",
+    "tiny_clip_resnet_config",
     "tiny_clip_vision_config",
     "tiny_siglip_vision_config",
 ]

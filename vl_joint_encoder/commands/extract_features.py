@@ -1,4 +1,5 @@
-"""`vl-joint-encoder extract-features`: CLIP (or SigLIP) grid + pooled features of images, resumable shards."""
+"""`vl-joint-encoder extract-features`: CLIP ViT / SigLIP / CLIP-ResNet grid (or global) features of images, resumable
+shards."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ DEFAULT_MAX_PIXELS = 16384 * 16384  # = images.DEFAULT_MAX_PIXELS (not imported:
 
 @dataclass
 class ExtractFeaturesArguments:
-    model: str = field(metadata={"help": "joint encoder with a tower, or CLIP/SigLIP checkpoint"})
+    model: str = field(
+        metadata={"help": "joint encoder with a tower, CLIP/SigLIP checkpoint, or OpenAI CLIP ResNet (RN101.pt or a "
+                  "saved CLIPResNetVisionModel folder)"}
+    )
     output: str = field(metadata={"help": "output folder (resumed if it holds a previous run)"})
     images: str | None = field(
         default=None, metadata={"help": "folder of images (recursive); ids are relative paths without extension"}
@@ -30,6 +34,15 @@ class ExtractFeaturesArguments:
     grid_pool_size: int | None = field(default=None, metadata={"help": "average-pool the patch grid to N x N"})
     box_mode: Literal["grid", "zeros"] | None = field(default=None, metadata={"help": "boxes of the visual tokens"})
     dtype: Literal["float32", "float16", "bfloat16"] | None = field(default=None, metadata={"help": "tower dtype"})
+    tokens: Literal["grid", "global"] = field(
+        default="grid", metadata={"help": "grid tokens, or the global image embedding as one token"}
+    )
+    preprocessing: Literal["vl_adapter", "clip"] | None = field(
+        default=None, metadata={"help": "CLIP ResNet .pt only: VL-Adapter's squash or CLIP's crop (default: clip)"}
+    )
+    image_size: int | None = field(
+        default=None, metadata={"help": "CLIP ResNet .pt only: input resolution (VL-Adapter: 224 for every model)"}
+    )
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
     skip_bad_images: bool = field(default=False, metadata={"help": "skip unreadable images (listed in the manifest)"})
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "refuse images with more pixels (bombs)"})
@@ -60,7 +73,7 @@ def extract(args: ExtractFeaturesArguments) -> int:
         on_error="skip" if args.skip_bad_images else "raise", device=args.device, max_pixels=args.max_pixels,
         max_shards=args.max_shards, overwrite=args.overwrite, feature_layer=args.feature_layer,
         feature_select=args.feature_select, grid_pool_size=args.grid_pool_size, box_mode=args.box_mode,
-        dtype=args.dtype,
+        dtype=args.dtype, tokens=args.tokens, preprocessing=args.preprocessing, image_size=args.image_size,
     )  # fmt: skip
     count = sum(len(shard["ids"]) for shard in manifest["shards"])
     state = "complete" if manifest["complete"] else "partial (run again to resume)"
@@ -74,5 +87,6 @@ main = command_main(
     "vl-joint-encoder extract-features",
     [ExtractFeaturesArguments],
     extract,
-    "CLIP (or SigLIP) grid + pooled features of a folder of images or a datasets image column, batched and resumable.",
+    "CLIP ViT / SigLIP / OpenAI CLIP-ResNet grid (or global) features of a folder of images or a datasets image "
+    "column, batched and resumable.",
 )

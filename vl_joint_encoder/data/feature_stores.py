@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -54,6 +55,7 @@ FEATURE_FILE_SUFFIXES = (".npy", ".npz", ".safetensors")
 # the extract-features folder layout (written by data.extraction, read by ExtractedFeatureStore)
 EXTRACTION_MANIFEST = "manifest.json"
 EXTRACTED_ARRAYS = ("visual_feats", "visual_pos", "pooled")
+OPTIONAL_EXTRACTED_ARRAYS = ("image_embeds",)  # the global image embedding, when the extractor has one
 
 
 @runtime_checkable
@@ -151,8 +153,8 @@ def load_feature_file(path: str | os.PathLike) -> dict[str, np.ndarray | None]:
 
 # ------------------------------------------------------------------------------------------------ extract-features
 class ExtractedFeatureStore:
-    """An `extract-features` output folder: `store[image_id]` -> visual_feats (V, C), visual_pos (V, 4), pooled (C,).
-    Shards are read on first use and kept."""
+    """An `extract-features` output folder: `store[image_id]` -> visual_feats (V, C), visual_pos (V, 4), pooled (C,)
+    [, image_embeds (D,)]. Shards are read on first use and kept."""
 
     def __init__(self, output_dir: str | os.PathLike):
         self.path = os.path.abspath(os.fspath(output_dir))
@@ -204,9 +206,99 @@ class ExtractedFeatureStore:
                 self._open[name] = load_from_disk(shard_path).with_format("numpy")
         shard = self._open[name]
         if self.manifest["format"] == "safetensors":
-            return {key: shard[key][row] for key in EXTRACTED_ARRAYS}
+            return {key: shard[key][row] for key in EXTRACTED_ARRAYS + OPTIONAL_EXTRACTED_ARRAYS if key in shard}
         record = shard[row]
-        return {key: np.asarray(record[key], dtype=np.float32) for key in EXTRACTED_ARRAYS}
+        return {key: np.asarray(record[key], dtype=np.float32) for key in EXTRACTED_ARRAYS + OPTIONAL_EXTRACTED_ARRAYS
+                if key in record}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ expected features
+# A converted checkpoint's config carries `visual_features` (written by the converter, conversion/), the features it
+# was trained on: {"kind": "clip_grid" | "faster_rcnn" | "global", "backbone": "RN101" | ..., "layer", "grid",
+# "num_tokens", "feat_dim", "boxes": True (real boxes needed) / False, "preprocessing", "description", "extract":
+# the command that makes them}. `check_visual_features` refuses features that do not fit, where a store is joined
+# to the model (data.inputs.JointEncoderInputBuilder); forward only sees tensors.
+VISUAL_FEATURE_KINDS = ("clip_grid", "faster_rcnn", "global")
+_CLIP_FOLDER = re.compile(r"data_clip_(?P<backbone>[A-Za-z0-9x]+)_(?:att|fc)$")
+
+
+def store_feature_description(store: FeatureStore | None) -> dict:
+    """What a store says about its features, as far as it knows: kind ('clip_grid', 'faster_rcnn', 'global'),
+    backbone ('RN101', ...), preprocessing. Empty for in-memory stores and plain array files."""
+    if store is None:
+        return {}
+    if isinstance(store, ExtractedFeatureStore):
+        extractor = store.manifest.get("extractor", {})
+        tokens = extractor.get("tokens", "grid")
+        backbone = extractor.get("backbone") or extractor.get("checkpoint")
+        processor = extractor.get("image_processor", {})
+        preprocessing = processor.get("mode")
+        return {"kind": "global" if tokens == "global" else "clip_grid", "backbone": backbone,
+                "preprocessing": preprocessing, "box_mode": extractor.get("box_mode")}  # fmt: skip
+    if isinstance(store, (FasterRCNNFeatures, LXMERTTSVFeatures)):
+        return {"kind": "faster_rcnn"}
+    if isinstance(store, (PerImageCLIPFeatures, CLIPGridFeatures)):
+        match = _CLIP_FOLDER.search(os.path.basename(os.path.normpath(store.path or "")))
+        described = {"kind": "clip_grid", "preprocessing": "vl_adapter"}
+        if match:
+            described["backbone"] = match["backbone"]
+        return described
+    if store.__class__.__name__ == "GlobalVectorStore":
+        return {"kind": "global"}
+    return {}
+
+
+def _fix(expected: Mapping) -> str:
+    command = expected.get("extract")
+    return f"; make them with: {command}" if command else ""
+
+
+def check_store_against_expected(store: FeatureStore | None, expected: Mapping | None) -> None:
+    """Refuse a store whose own description (extract-features manifest, original file layout, folder name)
+    contradicts the checkpoint's `visual_features` (another backbone, grid vs regions, another preprocessing)."""
+    if store is None or not expected:
+        return
+    described = store_feature_description(store)
+    where = describe_store(store)
+    needed = expected.get("description") or expected.get("kind")
+    for field in ("kind", "backbone", "preprocessing"):
+        have, want = described.get(field), expected.get(field)
+        if have is None or want is None or str(have) == str(want):
+            continue
+        raise ValueError(
+            f"{where} holds {field}={have!r} features but this checkpoint was trained on {needed} ({field}={want!r}, "
+            f"config.visual_features){_fix(expected)}"
+        )
+
+
+def check_visual_features(entry: Mapping, expected: Mapping | None, where: str, n_images: int = 1) -> None:
+    """One image's (or one query's) features against the checkpoint's `visual_features`: feature size, token count
+    (a multiple up to `n_images` images), and boxes when the checkpoint needs real ones (Faster R-CNN regions)."""
+    if not expected:
+        return
+    feats = np.asarray(entry["visual_feats"])
+    needed = expected.get("description") or expected.get("kind")
+    feat_dim, num_tokens = expected.get("feat_dim"), expected.get("num_tokens")
+    if feats.ndim == 2 and feat_dim is not None and feats.shape[1] != feat_dim:
+        raise ValueError(
+            f"{where}: {feats.shape[1]}-d visual features, but this checkpoint needs {feat_dim}-d ones ({needed}, "
+            f"config.visual_features.feat_dim){_fix(expected)}"
+        )
+    if feats.ndim == 2 and num_tokens is not None:
+        count = feats.shape[0]
+        if count % num_tokens or not 1 <= count // num_tokens <= max(1, n_images):
+            raise ValueError(
+                f"{where}: {count} visual tokens, but this checkpoint needs {num_tokens} per image ({needed}, "
+                f"config.visual_features.num_tokens){_fix(expected)}"
+            )
+    if expected.get("boxes"):
+        boxes = entry.get("visual_pos")
+        if boxes is None or not np.any(np.asarray(boxes)):
+            raise ValueError(
+                f"{where}: the features have no boxes ({'none given' if boxes is None else 'all zero'}), but this "
+                f"checkpoint needs each region's box ({needed}, config.visual_features.boxes): give the detector's "
+                f"boxes (an *_obj36.h5 file's `boxes`, or `NAME.visual_pos` in a .npz){_fix(expected)}"
+            )
 
 
 # ------------------------------------------------------------------------------------------------ the opener
@@ -302,6 +394,9 @@ __all__ = [
     "MappingFeatureStore",
     "N_BOXES",
     "PerImageCLIPFeatures",
+    "VISUAL_FEATURE_KINDS",
+    "check_store_against_expected",
+    "check_visual_features",
     "clip_grid_entry",
     "describe_store",
     "faster_rcnn_entry",
@@ -311,5 +406,6 @@ __all__ = [
     "open_feature_file",
     "open_feature_store",
     "referenced_store_keys",
+    "store_feature_description",
     "tsv_to_h5",
 ]

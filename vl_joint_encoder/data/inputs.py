@@ -16,7 +16,13 @@ import torch
 from transformers import BatchFeature
 
 from ..processing_joint_encoder import text_inputs, visual_feature_inputs
-from .feature_stores import FeatureStore, open_feature_store
+from .feature_stores import (
+    FeatureStore,
+    check_store_against_expected,
+    check_visual_features,
+    describe_store,
+    open_feature_store,
+)
 from .references import resolve_visual
 
 
@@ -29,6 +35,10 @@ class JointEncoderInputBuilder:
         image_root: folder that relative image paths are relative to.
         feat_dim: checked against precomputed features (default: the processor's).
         use_images: False drops every image (text-only ablation).
+        expected_features: the checkpoint's `config.visual_features` (which features it was trained on: kind,
+            backbone, tokens per image, dim, boxes); precomputed features that do not fit are refused with a message
+            naming the store, the key and the command that makes the right ones (`data.feature_stores`).
+        n_images: images per query the model takes (the token-count check allows up to this many images).
 
     `builder(texts, images)` -> dict of tensors (`input_ids`, `attention_mask`, and `pixel_values` /
     `pixel_attention_mask` or `visual_feats` / `visual_pos` / `visual_attention_mask` / order ids).
@@ -42,6 +52,8 @@ class JointEncoderInputBuilder:
         image_root: str | None = None,
         feat_dim: int | None = None,
         use_images: bool = True,
+        expected_features: Any = None,
+        n_images: int = 1,
     ):
         self.processing_class = processing_class
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
@@ -50,6 +62,9 @@ class JointEncoderInputBuilder:
         self.image_root = image_root
         self.feat_dim = feat_dim if feat_dim is not None else getattr(processing_class, "feat_dim", None)
         self.use_images = use_images
+        self.expected_features = dict(expected_features) if expected_features else None
+        self.n_images = n_images
+        check_store_against_expected(self.feature_store, self.expected_features)
 
     def __call__(self, texts: Sequence[str], images: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
         texts = list(texts)
@@ -83,6 +98,11 @@ class JointEncoderInputBuilder:
         inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         if kinds == {"features"}:
             features = [item[1] if item is not None else None for item in resolved]
+            if self.expected_features:
+                for row, entry in enumerate(features):
+                    if entry is not None:
+                        where = f"{describe_store(self.feature_store)}, {entry.get('source') or f'row {row}'}"
+                        check_visual_features(entry, self.expected_features, where, self.n_images)
             padded = visual_feature_inputs(
                 [f["visual_feats"] if f is not None else None for f in features],
                 boxes=[f.get("visual_pos") if f is not None else None for f in features],

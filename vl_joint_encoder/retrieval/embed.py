@@ -221,7 +221,11 @@ def embed_batches(
     check_max_length(max_length)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     feat_dim = getattr(getattr(model, "config", None), "feat_dim", None)
-    build = JointEncoderInputBuilder(processor, max_length, feature_store, image_root, feat_dim)
+    config = getattr(model, "config", None)
+    build = JointEncoderInputBuilder(
+        processor, max_length, feature_store, image_root, feat_dim,
+        expected_features=getattr(config, "visual_features", None), n_images=getattr(config, "n_images", 1) or 1,
+    )  # fmt: skip
     batches = (
         build(
             list(texts[start : start + batch_size]),

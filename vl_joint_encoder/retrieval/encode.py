@@ -177,8 +177,11 @@ def encode_knowledge_base(
     mine = list(range(rank, n_shards, world))
     device = next(model.parameters()).device
     model.eval()
-    feat_dim = getattr(getattr(model, "config", None), "feat_dim", None)
-    build = JointEncoderInputBuilder(processor, max_length, cached_store or store, image_root, feat_dim)
+    config = getattr(model, "config", None)
+    build = JointEncoderInputBuilder(
+        processor, max_length, cached_store or store, image_root, getattr(config, "feat_dim", None),
+        expected_features=getattr(config, "visual_features", None), n_images=getattr(config, "n_images", 1) or 1,
+    )  # fmt: skip
     fingerprint_store = cached_store or store
 
     def shard_rows(shard: int) -> PassageRange:

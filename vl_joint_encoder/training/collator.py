@@ -63,6 +63,7 @@ class ContrastiveCollator:
         feat_dim: int | None = None,
         use_query_images: bool = True,
         use_passage_images: bool = True,
+        expected_features: Any = None,
     ):
         if n_hard_negatives < 0:
             raise ValueError(f"n_hard_negatives must be >= 0, got {n_hard_negatives}")
@@ -73,12 +74,15 @@ class ContrastiveCollator:
         self.seed = seed
         self.epoch = 0
         feature_store = open_feature_store(feature_store)  # opened once, shared by both sides
+        # expected_features: the model's config.visual_features (what a converted checkpoint was trained on)
         self.query_inputs = JointEncoderInputBuilder(
-            processing_class, query_max_length, feature_store, image_root, feat_dim, use_query_images
-        )
+            processing_class, query_max_length, feature_store, image_root, feat_dim, use_query_images,
+            expected_features=expected_features,
+        )  # fmt: skip
         self.passage_inputs = JointEncoderInputBuilder(
-            processing_class, passage_max_length, feature_store, image_root, feat_dim, use_passage_images
-        )
+            processing_class, passage_max_length, feature_store, image_root, feat_dim, use_passage_images,
+            expected_features=expected_features,
+        )  # fmt: skip
 
     def sample_group(self, query_id: str, positive_rows: Sequence[int], negative_rows: Sequence[int]) -> list[int]:
         """[positive, negatives...] KB rows for one query, a function of (seed, epoch, query id) only."""

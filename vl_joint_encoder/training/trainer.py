@@ -120,6 +120,7 @@ class JointEncoderTrainer(Trainer):
                 feature_store=feature_store,
                 image_root=image_root,
                 feat_dim=model.config.feat_dim,
+                expected_features=getattr(model.config, "visual_features", None),
                 use_query_images=args.use_query_images,
                 use_passage_images=args.use_passage_images,
             )
