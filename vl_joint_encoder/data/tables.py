@@ -252,6 +252,29 @@ def json_lines_problem(path: str) -> str | None:
     return None
 
 
+def check_column_types(table, columns: Sequence[str | None], name: str, source: Any = None) -> None:
+    """Refuse a used column whose rows mix JSON types (datasets reads it as a `Json` feature: a text column holding
+    a list would become the text "['x']"); the message names the line when `source` is a JSON lines file."""
+    import datasets
+
+    json_type = getattr(datasets, "Json", None)
+    mixed = [c for c in columns if c is not None and c in table.column_names
+             and json_type is not None and isinstance(table.features[c], json_type)]  # fmt: skip
+    if not mixed:
+        return
+    where = ""
+    paths = [source] if isinstance(source, (str, os.PathLike)) else source if isinstance(source, list) else []
+    for path in paths:
+        if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
+            where = json_lines_problem(os.fspath(path)) or ""
+            if where:
+                break
+    raise ValueError(
+        f"{name}: column(s) {mixed} mix value types between rows (e.g. strings and lists)"
+        + (f": {where}" if where else ": give every row the same type in a column")
+    )
+
+
 def undecoded_images(dataset, column: str | None):
     """Keep `datasets.Image` cells undecoded ({'bytes', 'path'}) so that images load at batch time only."""
     import datasets
@@ -420,6 +443,7 @@ def read_knowledge_base(
         raise ValueError(f"{name} is empty: nothing to encode or search (check the file / split you passed)")
     require_columns(table, {"passage_text": mapping.passage_text, "passage_title": mapping.passage_title}, name)
     mapping.optional_column(table, "passage_image", name)
+    check_column_types(table, [mapping.passage_id, mapping.passage_text, mapping.passage_title], name, source)
     ids, index, problems = None, None, []
     column = mapping.passage_id
     if column is not None and column not in table.column_names:
@@ -493,6 +517,8 @@ def read_queries(
          "positive_ids": mapping.positive_ids if need_positives else None},
         name,
     )
+    check_column_types(table, [mapping.query_id, mapping.question, mapping.positive_ids, mapping.negative_ids], name,
+                       source)  # fmt: skip
     n, problems = len(table), []
     if mapping.query_id is not None:
         ids, problems = check_ids(table[mapping.query_id], mapping.query_id, name, "query", "query ids must be unique")
