@@ -496,10 +496,15 @@ class Queries:
 
 
 def read_queries(
-    source: Any, mapping: ColumnMapping | None = None, need_positives: bool = False, name: str = "the queries"
+    source: Any,
+    mapping: ColumnMapping | None = None,
+    need_positives: bool = False,
+    name: str = "the queries",
+    need_negatives: bool = False,
 ) -> Queries:
     """
-    Read and validate queries (anything `load_table` accepts, or `Queries`, returned as is).
+    Read and validate queries (anything `load_table` accepts, or `Queries`, returned as is). An explicitly named
+    negatives column must exist only with `need_negatives` (training: evaluation queries need no negatives).
 
     Raises:
         ValueError: no query; a missing question / id column (or positives column when `need_positives`); null or
@@ -534,7 +539,10 @@ def read_queries(
             f"column {mapping.question!r}"
         )
     has_positives = mapping.positive_ids in table.column_names
-    has_negatives = mapping.optional_column(table, "negative_ids", name) is not None
+    if need_negatives:
+        has_negatives = mapping.optional_column(table, "negative_ids", name) is not None
+    else:
+        has_negatives = mapping.negative_ids is not None and mapping.negative_ids in table.column_names
     if problems:
         raise DataError(problems)
     return Queries(
@@ -655,7 +663,7 @@ def prepare_training_data(
         raise ValueError(f"on_missing_positive must be one of {MISSING_POSITIVE_ACTIONS}, got {on_missing_positive!r}")
     problems = []  # both sides are read and checked before refusing, so that one run lists every problem
     try:
-        queries = read_queries(queries, mapping, need_positives=True)
+        queries = read_queries(queries, mapping, need_positives=True, need_negatives=True)
     except DataError as error:
         problems += error.problems
     try:
@@ -747,7 +755,7 @@ def training_data_problems(
     mapping = mapping or ColumnMapping()
     problems, read = [], {}
     for side, reader in (
-        ("queries", lambda: read_queries(queries, mapping, need_positives=True)),
+        ("queries", lambda: read_queries(queries, mapping, need_positives=True, need_negatives=True)),
         ("kb", lambda: read_knowledge_base(kb, mapping)),
     ):
         try:
