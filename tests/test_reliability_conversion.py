@@ -121,6 +121,7 @@ def files_of(folder):
     return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
 
 
+@pytest.mark.slow  # four fresh processes (each imports torch and transformers): ~30 s on a loaded 2-core machine
 def test_a_kill_at_random_points_of_a_conversion_then_a_rerun_gives_the_uninterrupted_result(checkpoints, tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=TESTS))
