@@ -23,7 +23,6 @@ import os
 import pickle
 import shutil
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +68,8 @@ from conversion.key_map import (  # noqa: E402
 from conversion.text_prefixes import resolve_text_prefix  # noqa: E402
 from vl_joint_encoder import JointEncoderConfig, JointEncoderModel, JointEncoderProcessor  # noqa: E402
 from vl_joint_encoder.configuration_joint_encoder import POOLING_MODES, SIMILARITIES  # noqa: E402
+from vl_joint_encoder.utils.errors import run_guarded  # noqa: E402
+from vl_joint_encoder.utils.io import remove_stale_temporaries, temporary_name  # noqa: E402
 
 
 logger = logging.get_logger(__name__)
@@ -150,6 +151,11 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise ConversionError(f"cannot read {path.name} (truncated or corrupt?): {error}") from error
         except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
             raise ConversionError(f"cannot read {path.name} (truncated or corrupt?): {error}") from error
+        except Exception as error:  # e.g. a text file named .pth: the unpickler fails with a KeyError
+            raise ConversionError(
+                f"{path.name} is not a PyTorch checkpoint (torch.load failed: {type(error).__name__}: {error}); give "
+                f"the .pth / .bin / .safetensors file the training script saved"
+            ) from None
     return _as_state_dict(obj, path.name)
 
 
@@ -320,6 +326,9 @@ def self_check(
     def double(state):
         return {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
 
+    def single(state):  # a float16 / bfloat16 checkpoint is upcast, as load_state_dict upcast it into the model
+        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
     reference = encoder_forward_(double(original_state), hp, input_ids, None, feats.double(), boxes.double())
     model.double()
     ours = model(input_ids=input_ids, visual_feats=feats.double(), visual_pos=boxes.double()).last_hidden_state
@@ -334,7 +343,7 @@ def self_check(
                 tolerance,
             )  # fmt: skip
         )
-    reference32 = encoder_forward_(original_state, hp, input_ids=input_ids, visual_feats=feats, visual_pos=boxes)
+    reference32 = encoder_forward_(single(original_state), hp, input_ids=input_ids, visual_feats=feats, visual_pos=boxes)
     float32_diff = 0.0
     for implementation in ("sdpa", "eager"):  # both attention paths a user may load
         model = JointEncoderModel.from_pretrained(model_dir, attn_implementation=implementation).float().eval()
@@ -356,6 +365,11 @@ def self_check(
 
 # ---------------------------------------------------------------------------------------------- output directory
 def _prepare_output(output_dir: Path, overwrite: bool) -> Path:
+    """A fresh hidden temporary folder next to `output_dir` (`.NAME.tmp-PID-HEX`), after removing the ones killed
+    conversions left (their process no longer runs)."""
+    removed = remove_stale_temporaries(output_dir)
+    if removed:
+        logger.info(f"removed {len(removed)} temporary folder(s) of interrupted conversions: {removed}")
     if output_dir.exists() and not output_dir.is_dir():
         raise ConversionError(f"--output-dir {str(output_dir)!r} exists and is not a directory")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
@@ -363,18 +377,16 @@ def _prepare_output(output_dir: Path, overwrite: bool) -> Path:
             f"--output-dir {str(output_dir)!r} exists and is not empty: choose another directory or pass --overwrite"
         )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+    tmp = Path(temporary_name(output_dir))
+    tmp.mkdir()  # an ordinary directory (the umask applies), pid-tagged so that a later run can tell it is stale
     return tmp
 
 
 def _move_into_place(tmp: Path, output_dir: Path) -> None:
     old = None
     if output_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-        os.replace(output_dir, old / "previous")
+        old = Path(temporary_name(output_dir))  # a kill before the rmtree leaves it stale: the next run removes it
+        os.replace(output_dir, old)
     os.replace(tmp, output_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -758,7 +770,7 @@ def convert(
     elif source != "bart":
         raw = load_state_dict(checkpoint)
         if source is not None:
-            check_source_matches(raw, source)
+            check_source_matches(raw, source, downsample)
         source = source or detect_source(raw)
     if detected:
         logger.info(f"detected source: {source}")
@@ -997,8 +1009,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: a ConversionError prints `error: ...` (exit status 1); any other exception one line too
+    (`utils.errors.run_guarded`; VL_JOINT_ENCODER_DEBUG=1 shows the traceback)."""
     args = build_parser().parse_args(argv)
     logging.set_verbosity_info() if os.environ.get("VL_JOINT_ENCODER_VERBOSE") else logging.set_verbosity_warning()
+    return run_guarded("convert_vl_t5_checkpoint", lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         result = convert(
             args.checkpoint,

@@ -40,6 +40,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 SOURCES = ("vl-t5", "vl-adapter", "t5", "vl-bart", "vl-adapter-bart", "bart")
@@ -145,9 +149,42 @@ def check_not_vl_t5(keys) -> None:
         )
 
 
-def check_source_matches(keys, source: str) -> None:
-    """Refuse a file of the other backbone family, and VL-BART / VL-Adapter-BART given for each other."""
+def check_source_matches(keys, source: str, downsample: bool | None = None) -> None:
+    """
+    Refuse a `--source` the keys contradict: a file of the other backbone family; VL-Adapter modules under
+    `--source vl-t5` / `vl-bart` (their adapters would be dropped or their CLIP-grid downsampling skipped); no adapter
+    at all under `--source vl-adapter` / `vl-adapter-bart` (a VL-T5 / VL-BART checkpoint would get VL-Adapter's 6x6
+    downsampling). A VL-Adapter *full fine-tuning* checkpoint has no adapters either: it passes when `downsample` is
+    given explicitly (`--downsample` / `--no-downsample`), which says the user knows what the file is.
+    """
     keys = [k.removeprefix("module.") for k in keys]
+    _check_source_family(keys, source)
+    if source not in ("vl-t5", "vl-adapter", "vl-bart", "vl-adapter-bart"):
+        return
+    detected = detect_source(keys)  # from the keys: adapters (or unsupported variants) make a VL-Adapter file
+    if detected == source:
+        return
+    if source in ("vl-t5", "vl-bart"):
+        tasks = adapter_tasks(keys) if source == "vl-t5" else bart_adapter_tasks(keys)
+        raise ConversionError(
+            f"--source {source} but the checkpoint holds VL-Adapter modules (adapter tasks {tasks}): it is a "
+            f"{detected} checkpoint; convert it with --source {detected} --adapter-task TASK (or leave --source out)"
+        )
+    if downsample is None:
+        raise ConversionError(
+            f"--source {source} but the checkpoint has no adapter keys (`...attn_adapter.adapters.<task>...`): it "
+            f"looks like a {detected} checkpoint, which --source {source} would convert with VL-Adapter's 6x6 "
+            f"downsampling of the visual grid. Convert it with --source {detected} (or leave --source out); if it is a "
+            f"VL-Adapter full fine-tuning checkpoint (CLIP grid features, no adapters), say so with --downsample (as "
+            f"its scripts) or --no-downsample"
+        )
+    logger.warning(
+        f"--source {source} on a checkpoint without adapters (keys of a {detected} checkpoint): converted as a "
+        f"VL-Adapter full fine-tuning checkpoint, downsample={downsample}"
+    )
+
+
+def _check_source_family(keys: list[str], source: str) -> None:
     if source in ("vl-t5", "vl-adapter"):
         check_not_vl_bart(keys)
     elif source in ("vl-bart", "vl-adapter-bart"):
@@ -299,6 +336,16 @@ def check_mapping(
         for k, v in expected.items()
         if k in mapping.kept and tuple(state[mapping.kept[k]].shape) != tuple(v.shape)
     )
+    not_float = sorted(
+        f"{mapping.kept[k]}: {state[mapping.kept[k]].dtype}"
+        for k, v in expected.items()
+        if k in mapping.kept and v.is_floating_point() and not state[mapping.kept[k]].is_floating_point()
+    )
+    if not_float:
+        problems.append(
+            f"{len(not_float)} weight(s) are not floating point (a weight must be float32 / float16 / bfloat16; is this "
+            f"a corrupt or re-encoded file?): {not_float}"
+        )
     if missing:
         problems.append(f"missing {len(missing)} key(s) (ours): {missing}")
     if unexpected:

@@ -16,7 +16,9 @@ def usage() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = ["usage: vl-joint-encoder COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run `vl-joint-encoder COMMAND --help` for a command's options."]
+    lines += ["", "Run `vl-joint-encoder COMMAND --help` for a command's options.",
+              "`vl-joint-encoder --debug COMMAND ...` (or VL_JOINT_ENCODER_DEBUG=1) shows full tracebacks and checks "
+              "GPU input values."]
     return "\n".join(lines)
 
 
@@ -30,11 +32,19 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
+    if argv[0] == "--debug":
+        from .utils.errors import enable_debug
+
+        enable_debug()
+        return main(argv[1:])
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"vl-joint-encoder: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    return int(command_module(command).main(rest) or 0)
+    from .utils.errors import run_guarded
+
+    # the command's own main guards its body; this guard covers importing its module (a missing optional dependency)
+    return run_guarded(f"vl-joint-encoder {command}", lambda: command_module(command).main(rest))
 
 
 if __name__ == "__main__":

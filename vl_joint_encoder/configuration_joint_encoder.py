@@ -10,8 +10,34 @@ only each other. Fields a backbone does not use are `None` (e.g. `relative_atten
 
 from __future__ import annotations
 
-from transformers import PreTrainedConfig
-from transformers.utils import logging
+import re
+
+import transformers
+
+
+MIN_TRANSFORMERS_MAJOR = 5
+
+
+def check_transformers_version(version: str | None = None) -> None:
+    """
+    Refuse, with the fix, a transformers older than 5: this file and the model file (also when loaded from a model
+    folder with `trust_remote_code=True`) use transformers 5's API (`PreTrainedConfig`, attention interfaces, ...),
+    whose absence would otherwise surface as an obscure ImportError or AttributeError deep in the code.
+    """
+    version = version or transformers.__version__
+    major = re.match(r"\d+", version)
+    if major is None or int(major.group()) < MIN_TRANSFORMERS_MAJOR:
+        raise ImportError(
+            f"the VL-T5 / VL-BART joint encoder code (vl-joint-encoder, also as remote code of a model folder) needs "
+            f"transformers >= {MIN_TRANSFORMERS_MAJOR}, but transformers {version} is installed: "
+            f"pip install -U 'transformers>={MIN_TRANSFORMERS_MAJOR},<{MIN_TRANSFORMERS_MAJOR + 1}'"
+        )
+
+
+check_transformers_version()  # before importing the names transformers 5 has and 4 lacks
+
+from transformers import PreTrainedConfig  # noqa: E402
+from transformers.utils import logging  # noqa: E402
 
 
 logger = logging.get_logger(__name__)

@@ -9,6 +9,9 @@
   obscure error. Here `max_pixels` is checked from the header first (clear error above it), files below it are
   decoded even past PIL's default guard, JPEGs are decoded at reduced size (`Image.draft`) and everything is
   downscaled to at most `max_side` pixels on its long side (CLIP resizes to 224-336 anyway).
+  The limit (default 16384 x 16384 = 268,435,456 pixels) is raised for every command and every loader with the
+  environment variable `VL_JOINT_ENCODER_MAX_IMAGE_PIXELS` (a number of pixels, or `none` to disable the check), and
+  for `extract-features` also with `--max-pixels`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray
 # 16384 x 16384: far above any photo, far below what would exhaust memory (PIL's own default guard is ~89 MP).
 DEFAULT_MAX_PIXELS = 16384 * 16384
 DEFAULT_MAX_SIDE = 2048
+MAX_PIXELS_ENV = "VL_JOINT_ENCODER_MAX_IMAGE_PIXELS"
+FROM_ENVIRONMENT = "environment"  # load_image's default max_pixels: $VL_JOINT_ENCODER_MAX_IMAGE_PIXELS, else the default
 _PIL_GUARD_LOCK = threading.Lock()
 
 
@@ -121,9 +126,25 @@ def _downscale(image: Image.Image, max_side: int | None) -> Image.Image:
     return image
 
 
+def default_max_pixels() -> int | None:
+    """The decompression-bomb limit: `$VL_JOINT_ENCODER_MAX_IMAGE_PIXELS` (pixels, or `none` for no limit) if set,
+    else `DEFAULT_MAX_PIXELS`. A value that is neither is a ValueError naming the variable."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip().replace("_", "")
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    if value.lower() in ("none", "off", "unlimited"):
+        return None
+    if not value.isdigit() or int(value) <= 0:
+        raise ValueError(
+            f"{MAX_PIXELS_ENV}={os.environ[MAX_PIXELS_ENV]!r}: give a positive number of pixels (e.g. 1000000000) or "
+            f"'none' to disable the decompression-bomb check"
+        )
+    return int(value)
+
+
 def load_image(
     source: ImageSource,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None | str = FROM_ENVIRONMENT,
     max_side: int | None = DEFAULT_MAX_SIDE,
     exif_transpose: bool = True,
 ) -> Image.Image:
@@ -132,13 +153,17 @@ def load_image(
 
     Args:
         max_pixels: refuse (`ImageLoadError`) files with more pixels than this, read from the header before decoding.
-            `None` disables the check. Files under it are decoded even past PIL's default decompression-bomb guard.
+            `None` disables the check; the default is `default_max_pixels()` (the environment variable
+            `VL_JOINT_ENCODER_MAX_IMAGE_PIXELS`, else 268,435,456). Files under it are decoded even past PIL's
+            default decompression-bomb guard.
         max_side: downscale (aspect kept) so that the long side is at most this many pixels; `None` keeps the size.
         exif_transpose: apply the EXIF orientation tag.
 
     Raises:
         ImageLoadError: missing file, not an image, truncated/corrupt data, too many pixels. The message names the file.
     """
+    if max_pixels == FROM_ENVIRONMENT:
+        max_pixels = default_max_pixels()
     if isinstance(source, Image.Image):
         image = source
         if exif_transpose:
@@ -174,7 +199,8 @@ def load_image(
                         raise ImageLoadError(
                             source,
                             f"{width} x {height} = {width * height:,} pixels is above max_pixels={max_pixels:,} "
-                            f"(a decompression-bomb guard); pass a larger max_pixels if you trust this file",
+                            f"(a decompression-bomb guard); if you trust this file, raise the limit with "
+                            f"{MAX_PIXELS_ENV}=N (N pixels, or 'none'; extract-features: --max-pixels N)",
                         )
                     if max_side is not None and opened.format == "JPEG":
                         opened.draft("RGB", (max_side, max_side))  # decode at 1/2, 1/4 or 1/8 scale: fast, less memory
@@ -240,8 +266,11 @@ def list_image_files(folder: str | os.PathLike, extensions: Sequence[str] | None
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_SIDE",
+    "FROM_ENVIRONMENT",
+    "MAX_PIXELS_ENV",
     "ImageFailure",
     "ImageLoadError",
+    "default_max_pixels",
     "list_image_files",
     "load_image",
     "load_images",

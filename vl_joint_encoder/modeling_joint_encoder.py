@@ -20,6 +20,7 @@ This file imports only its configuration file so that `save_pretrained` can expo
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +41,52 @@ from .configuration_joint_encoder import JointEncoderConfig
 logger = logging.get_logger(__name__)
 
 BART_POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding: ids 0 and 1 of its table are never looked up
+# `VL_JOINT_ENCODER_DEBUG=1` (the package's debug switch, `vl_joint_encoder.utils.errors.DEBUG_ENV`: this file is
+# remote code and imports nothing of the package) makes `forward` check the values of GPU tensors too.
+DEBUG_ENV = "VL_JOINT_ENCODER_DEBUG"
+
+
+def _check_values(tensor: torch.Tensor) -> bool:
+    """Whether value checks run on `tensor`: always for CPU tensors (reading them costs no device synchronisation),
+    for GPU tensors only under `VL_JOINT_ENCODER_DEBUG=1` (each check synchronises the device)."""
+    if tensor.device.type in ("cpu", "meta"):
+        return tensor.device.type == "cpu"
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _require_tensor(name: str, value, kind: str) -> None:
+    """`value` must be a torch tensor of `kind` ("integer": token / order ids, "float": features, "mask": 0/1)."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(
+            f"{name} must be a torch.Tensor, got {type(value).__name__}: build inputs with the processor / tokenizer "
+            f"and return_tensors='pt'"
+        )
+    dtype = value.dtype
+    if kind == "integer" and (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool):
+        raise ValueError(f"{name} must hold integer ids (torch.long), got dtype {dtype}: do not cast ids to float")
+    if kind == "float" and not dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {dtype}")
+    if kind == "mask" and dtype.is_complex:
+        raise ValueError(f"{name} must hold 0/1 (or booleans), got dtype {dtype}")
+
+
+def _check_mask_values(name: str, mask: torch.Tensor) -> None:
+    if mask.dtype != torch.bool and mask.numel() and _check_values(mask):
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{name} must hold only 0 (padding) and 1 (token), got {mask[bad].flatten()[0].item()!r}: a mask "
+                f"is not a weight"
+            )
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    if tensor.numel() and _check_values(tensor) and not bool(torch.isfinite(tensor).all()):
+        bad = (~torch.isfinite(tensor)).nonzero()[0].tolist()
+        raise ValueError(
+            f"{name} holds NaN or infinite values (first at index {tuple(bad)}): check the feature extraction / the "
+            f"feature store"
+        )
 
 
 @dataclass
@@ -741,6 +788,11 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
                 "pixel_values given but this model has no vision tower (config.vision_config is None): pass "
                 "precomputed visual_feats, or build the model with a vision_config (see attach_vision_tower)"
             )
+        _require_tensor("pixel_values", pixel_values, "float")
+        _check_finite("pixel_values", pixel_values)
+        if pixel_attention_mask is not None:
+            _require_tensor("pixel_attention_mask", pixel_attention_mask, "mask")
+            _check_mask_values("pixel_attention_mask", pixel_attention_mask)
         if pixel_values.dim() == 4:
             pixel_values = pixel_values.unsqueeze(1)
         if pixel_values.dim() != 5:
@@ -779,12 +831,25 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
     # ------------------------------------------------------------------------------------------------- checks
     def _check_inputs(self, input_ids, attention_mask, visual_feats, visual_pos, visual_attention_mask,
                       image_order_ids, object_order_ids):
-        """Shape checks cost nothing; value checks run only for CPU tensors (no device synchronisation on GPU)."""
+        """Type and shape checks cost nothing; value checks (id ranges, 0/1 masks, finite features and boxes) run
+        for CPU tensors, and for GPU tensors only under VL_JOINT_ENCODER_DEBUG=1 (they synchronise the device).
+        Every error is a ValueError naming the argument."""
         config = self.config
+        for name, value, kind in (
+            ("input_ids", input_ids, "integer"),
+            ("attention_mask", attention_mask, "mask"),
+            ("visual_feats", visual_feats, "float"),
+            ("visual_pos", visual_pos, "float"),
+            ("visual_attention_mask", visual_attention_mask, "mask"),
+            ("image_order_ids", image_order_ids, "integer"),
+            ("object_order_ids", object_order_ids, "integer"),
+        ):
+            if value is not None:
+                _require_tensor(name, value, kind)
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (batch, text_length), got shape {tuple(input_ids.shape)}")
-            if input_ids.device.type == "cpu" and input_ids.numel():
+            if _check_values(input_ids) and input_ids.numel():
                 low, high = int(input_ids.min()), int(input_ids.max())
                 if low < 0 or high >= config.vocab_size:
                     raise ValueError(
@@ -800,6 +865,8 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
                 )
+            if attention_mask is not None:
+                _check_mask_values("attention_mask", attention_mask)
         elif attention_mask is not None:
             raise ValueError("attention_mask given without input_ids")
         if visual_feats is None:
@@ -835,6 +902,8 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
                     f"visual_pos covers {tuple(visual_pos.shape[:2])} (batch, tokens) but visual_feats has "
                     f"{(batch_size, num_visual)}"
                 )
+            _check_finite("visual_pos", visual_pos)
+        _check_finite("visual_feats", visual_feats)
         for name, value in (
             ("visual_attention_mask", visual_attention_mask),
             ("image_order_ids", image_order_ids),
@@ -845,13 +914,15 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
                     f"{name} must have shape (batch, visual_length) = {(batch_size, num_visual)}, got "
                     f"{tuple(value.shape)}"
                 )
-        if image_order_ids is not None and image_order_ids.device.type == "cpu" and image_order_ids.numel():
+        if visual_attention_mask is not None:
+            _check_mask_values("visual_attention_mask", visual_attention_mask)
+        if image_order_ids is not None and _check_values(image_order_ids) and image_order_ids.numel():
             if int(image_order_ids.max()) >= config.n_images or int(image_order_ids.min()) < 0:
                 raise ValueError(
                     f"image_order_ids must be in [0, n_images={config.n_images}), got values up to "
                     f"{int(image_order_ids.max())}"
                 )
-        if object_order_ids is not None and object_order_ids.device.type == "cpu" and object_order_ids.numel():
+        if object_order_ids is not None and _check_values(object_order_ids) and object_order_ids.numel():
             if int(object_order_ids.max()) >= config.vocab_size or int(object_order_ids.min()) < 0:
                 raise ValueError(f"object_order_ids must be in [0, vocab_size={config.vocab_size})")
 
@@ -1032,6 +1103,12 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
         """Pooling (config.pooling) -> projection -> L2 normalisation: the retrieval embedding (B, embedding_dim)."""
         pooling = self.config.pooling
         if pooling == "first":
+            if _check_values(joint_mask) and not bool(joint_mask[:, 0].all()):
+                rows = (joint_mask[:, 0] == 0).nonzero().flatten().tolist()
+                raise ValueError(
+                    f"pooling 'first' takes the first token, but it is masked (attention mask 0, padding) in batch "
+                    f"row(s) {rows[:5]}: pad on the right (the processor does), or use another pooling"
+                )
             pooled = hidden_states[:, 0]
         else:
             weights = joint_mask.to(hidden_states.dtype)  # (B, T)
@@ -1041,7 +1118,16 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
             elif pooling == "visual_mean":
                 weights = weights.clone()
                 weights[:, :text_length] = 0
-            # an input with no token of the pooled kind gives a zero vector instead of NaN
+            if _check_values(weights) and not bool((weights.sum(dim=1) > 0).all()):
+                rows = (weights.sum(dim=1) == 0).nonzero().flatten().tolist()
+                kind = {"text_mean": "text token", "visual_mean": "visual token"}.get(pooling, "token")
+                raise ValueError(
+                    f"pooling {pooling!r} averages over no token in batch row(s) {rows[:5]}: no unmasked {kind} "
+                    f"(attention_mask / visual_attention_mask all 0 there, or no "
+                    f"{'text' if pooling == 'text_mean' else 'visual features' if pooling == 'visual_mean' else 'input'}"
+                    f" given): give every row at least one unmasked {kind}, or use another pooling"
+                )
+            # (on GPU without the debug switch an empty set still gives a zero vector rather than NaN)
             counts = weights.sum(dim=1, keepdim=True).clamp(min=1.0)  # (B, 1)
             pooled = torch.einsum("bt,btd->bd", weights, hidden_states) / counts  # (B, d)
         if self.projection is not None:

@@ -21,6 +21,11 @@ import numpy as np
 from transformers import BatchFeature, ProcessorMixin
 from transformers.utils import logging
 
+from .configuration_joint_encoder import check_transformers_version
+
+
+check_transformers_version()  # remote code may load this file first: the same clear error as the model files
+
 
 logger = logging.get_logger(__name__)
 

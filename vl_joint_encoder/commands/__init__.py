@@ -286,16 +286,57 @@ def setup_logging(level: int | str | None = None) -> None:
 
 
 def run_command(prog: str, main: Callable[[], int | None]) -> int:
-    """Run a command's body; a ValueError / OSError (a bad input) is printed as `prog: error: ...`, exit status 2."""
+    """Run a command's body under `utils.errors.run_guarded`: a user error (ValueError, OSError, ImportError, out of
+    memory) prints `prog: error: ...` (exit status 2), any other exception one line naming it as a bug (exit
+    status 1); `VL_JOINT_ENCODER_DEBUG=1` re-raises with the traceback."""
+    from ..utils.errors import run_guarded
+
+    return run_guarded(prog, main)
+
+
+def check_device(value: str | None, option: str = "--device") -> None:
+    """
+    Refuse a `--device` this machine does not have, before any work: `cuda` without a usable GPU (a CPU-only torch,
+    no driver, `CUDA_VISIBLE_DEVICES=`), `cuda:N` past the GPU count, `mps` off Apple silicon, or a name torch does
+    not know. None / `auto` / `cpu` pass without importing torch.
+    """
+    if value is None or value in ("auto", "cpu"):
+        return
+    import torch
+
     try:
-        return int(main() or 0)
-    except (ValueError, OSError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{option} {value!r} is not a device torch knows: use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"{option} {value}: no CUDA GPU is available here ({why}): use {option} cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{option} {value}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0"
+            )
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{option} {value}: the Apple MPS backend is not available here: use {option} cpu")
+    elif device.type != "cpu":
+        available = getattr(getattr(torch, device.type, None), "is_available", None)
+        if available is None or not available():
+            raise ValueError(f"{option} {value}: no {device.type} device is available here: use {option} cpu")
+
+
+def check_arguments(arguments: Sequence[Any]) -> None:
+    """Checks every command's arguments get before its body runs (today: a `device` field is a device this machine
+    has)."""
+    for argument in arguments:
+        if dataclasses.is_dataclass(argument) and isinstance(getattr(argument, "device", None), (str, type(None))):
+            if any(f.name == "device" for f in dataclasses.fields(argument)):
+                check_device(argument.device)
 
 
 def command_main(prog: str, dataclass_types: Sequence[type], body: Callable[..., int | None], description: str):
-    """`main(argv)` of a command: parse into `dataclass_types`, then `body(*arguments)` under `run_command`."""
+    """`main(argv)` of a command: parse into `dataclass_types`, check them (`check_arguments`), then
+    `body(*arguments)` under `run_command`."""
 
     def main(argv: Sequence[str] | None = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
@@ -306,6 +347,7 @@ def command_main(prog: str, dataclass_types: Sequence[type], body: Callable[...,
             return 2
 
         def run():
+            check_arguments(arguments)
             setup_logging()
             return body(*arguments)
 
@@ -324,6 +366,8 @@ __all__ = [
     "HelpFormatter",
     "apply_config_file",
     "build_parser",
+    "check_arguments",
+    "check_device",
     "command_main",
     "command_module",
     "hf_argument_parser_class",

@@ -22,7 +22,11 @@ class DataReportArguments:
     image_root: str | None = field(default=None, metadata={"help": "folder that relative image paths are relative to"})
     feature_store: str | None = field(default=None, metadata={"help": "precomputed features (.npz / .safetensors ...)"})
     max_passages: int = field(default=100_000, metadata={"help": "sample this many passages for token statistics"})
+    on_missing_positive: Literal["skip", "error"] = field(
+        default="skip", metadata={"help": "as train's option: with error, queries without a positive are a refusal"}
+    )
     json: str | None = field(default=None, metadata={"help": "also write the report as JSON here"})
+    strict: bool = field(default=False, metadata={"help": "exit status 1 when train would refuse the data"})
 
 
 def report(args: DataReportArguments) -> int:
@@ -37,6 +41,10 @@ def report(args: DataReportArguments) -> int:
         os.path.join(args.model, "tokenizer_config.json")
     ):
         tokenizer_dir = os.path.join(args.model, "query_encoder")
+    if not os.path.isdir(tokenizer_dir):
+        from ..retrieval.embed import check_model_location
+
+        check_model_location(tokenizer_dir, "--model")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     mapping = (
         ColumnMapping.viquae(args.viquae_positives, args.viquae_negatives) if args.columns == "viquae" else ColumnMapping()
@@ -45,12 +53,12 @@ def report(args: DataReportArguments) -> int:
         args.queries if len(args.queries) > 1 else args.queries[0],
         args.kb if len(args.kb) > 1 else args.kb[0],
         tokenizer, mapping, args.query_max_length, args.passage_max_length, args.feature_store, args.image_root,
-        args.max_passages,
+        args.max_passages, on_missing_positive=args.on_missing_positive,
     )  # fmt: skip
     print(format_report(result))
     if args.json:
         write_json(args.json, result)
-    return 0
+    return 1 if args.strict and result["refusals"] else 0
 
 
 main = command_main(

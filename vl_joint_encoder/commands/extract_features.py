@@ -45,7 +45,11 @@ class ExtractFeaturesArguments:
     )
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
     skip_bad_images: bool = field(default=False, metadata={"help": "skip unreadable images (listed in the manifest)"})
-    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "refuse images with more pixels (bombs)"})
+    max_pixels: int | None = field(
+        default=None,
+        metadata={"help": "refuse images with more pixels, a decompression-bomb guard (default: "
+                  f"$VL_JOINT_ENCODER_MAX_IMAGE_PIXELS, else {DEFAULT_MAX_PIXELS})"},
+    )  # fmt: skip
     max_shards: int | None = field(default=None, metadata={"help": "stop after writing this many new shards"})
     overwrite: bool = field(default=False, metadata={"help": "discard a previous run in --output"})
 
@@ -56,6 +60,11 @@ class ExtractFeaturesArguments:
 
 def extract(args: ExtractFeaturesArguments) -> int:
     from ..data.extraction import extract_features
+    from ..images import default_max_pixels
+
+    if args.max_pixels is not None and args.max_pixels <= 0:
+        raise ValueError(f"--max-pixels must be a positive number of pixels, got {args.max_pixels}")
+    max_pixels = args.max_pixels if args.max_pixels is not None else default_max_pixels()
 
     if args.dataset:
         from datasets import DatasetDict, load_from_disk
@@ -70,7 +79,7 @@ def extract(args: ExtractFeaturesArguments) -> int:
     manifest = extract_features(
         source, args.output, args.model, image_column=args.image_column, id_column=args.id_column,
         batch_size=args.batch_size, shard_size=args.shard_size, output_format=args.format,
-        on_error="skip" if args.skip_bad_images else "raise", device=args.device, max_pixels=args.max_pixels,
+        on_error="skip" if args.skip_bad_images else "raise", device=args.device, max_pixels=max_pixels,
         max_shards=args.max_shards, overwrite=args.overwrite, feature_layer=args.feature_layer,
         feature_select=args.feature_select, grid_pool_size=args.grid_pool_size, box_mode=args.box_mode,
         dtype=args.dtype, tokens=args.tokens, preprocessing=args.preprocessing, image_size=args.image_size,

@@ -13,7 +13,16 @@ An `image` value is any image reference `data.references` resolves: a path to an
 `image_root`), a PIL image, a `datasets.Image` cell, a key of a feature store, a path to a `.npy` / `.npz` /
 `.safetensors` feature file, or an inline array (V, feat_dim). Images are never decoded here: batches load them lazily.
 
-Columns are named by a `ColumnMapping`; `None` for an id column means "the row position".
+Columns are named by a `ColumnMapping`; `None` for an id column means "the row position". An optional column left
+at its default name (`image`, `negative_ids`) may be absent; one named explicitly (`--image_column img`, a
+`with_overrides(...)` value) must exist, so that a typo is an error naming the column and the ones the table has, not
+a silent text-only run.
+
+Every reader goes through the checks here, whose errors name the file, the line or row, the column and the fix:
+unreadable / empty / malformed files (`path:line: ...` for JSON lines), null or duplicate ids (queries and KB alike;
+a null id never becomes "None"), missing columns, empty texts without an image, ids absent from the KB.
+`training_data_problems` collects every refusal of `prepare_training_data` instead of stopping at the first one: it
+is what `data-report` reports.
 """
 
 from __future__ import annotations
@@ -31,6 +40,19 @@ logger = logging.get_logger(__name__)
 
 MISSING_POSITIVE_ACTIONS = ("skip", "error")
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# roles whose column may be absent from the data (then not used), when left at the mapping's default name
+OPTIONAL_ROLES = ("query_image", "negative_ids", "passage_title", "passage_image")
+
+
+class DataError(ValueError):
+    """Bad queries / KB: `problems` lists every problem found (the message joins them), each naming the column, a
+    few rows or ids, and the fix."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__(self.problems[0] if len(self.problems) == 1 else "\n".join(
+            [f"{len(self.problems)} problems:"] + [f"- {problem}" for problem in self.problems]
+        ))  # fmt: skip
 
 
 @dataclass
@@ -51,6 +73,8 @@ class ColumnMapping:
         passage_title: optional title column, prepended to the text as "title. text".
         passage_image: passage image column (optional).
         passage_id_fallback_to_row: see `passage_id`.
+        absent_ok: the optional roles whose column may be absent (default: those left at their default name);
+            `with_overrides` removes the roles it sets, so that an explicitly named column must exist.
     """
 
     query_id: str | None = "id"
@@ -63,6 +87,26 @@ class ColumnMapping:
     passage_title: str | None = None
     passage_image: str | None = "image"
     passage_id_fallback_to_row: bool = False
+    absent_ok: frozenset[str] | None = None
+
+    def __post_init__(self):
+        if self.absent_ok is None:
+            defaults = {f.name: f.default for f in fields(ColumnMapping)}
+            self.absent_ok = frozenset(role for role in OPTIONAL_ROLES if getattr(self, role) == defaults[role])
+        self.absent_ok = frozenset(self.absent_ok)
+
+    def optional_column(self, table, role: str, name: str) -> str | None:
+        """The column of optional `role` if `table` has it; None if it is absent and may be (`absent_ok`), else a
+        ValueError naming the column and the columns the table has."""
+        column = getattr(self, role)
+        if column is None or column in table.column_names:
+            return column
+        if role in self.absent_ok:
+            return None
+        raise ValueError(
+            f"{name} has no column {column!r} (the {role.replace('_', ' ')} column you named); it has "
+            f"{table.column_names}: fix the column name, or leave the option out to use none"
+        )
 
     @classmethod
     def viquae(cls, positives: str = "provenance_indices", negatives: str | None = "BM25_irrelevant_indices"):
@@ -78,16 +122,20 @@ class ColumnMapping:
             passage_text="passage",
             passage_image=None,
             passage_id_fallback_to_row=True,
+            absent_ok=frozenset(OPTIONAL_ROLES),
         )
 
     def with_overrides(self, **overrides: str | None) -> ColumnMapping:
-        """A copy with the given fields replaced (`None` values are ignored: "keep the preset's column")."""
-        known = {f.name for f in fields(self)}
+        """A copy with the given fields replaced (`None` values are ignored: "keep the preset's column"). An optional
+        column set here must exist in the data."""
+        known = {f.name for f in fields(self)} - {"absent_ok"}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"unknown column role(s) {unknown}; roles are {sorted(known)}")
+        given = {k: v for k, v in overrides.items() if v is not None}
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values.update(given)
+        values["absent_ok"] = self.absent_ok - set(given)
         return type(self)(**values)
 
 
@@ -120,7 +168,111 @@ def load_table(source: Any, name: str = "data"):
             f"{name}: cannot read {paths}: give .jsonl/.json, .parquet or .csv files (one kind), a save_to_disk folder, "
             f"or a datasets.Dataset"
         )
-    return datasets.load_dataset(TABLE_SUFFIXES[suffixes.pop()], data_files=paths, split="train")
+    kind = TABLE_SUFFIXES[suffixes.pop()]
+    empty = [path for path in paths if os.path.getsize(path) == 0]
+    if empty:
+        raise ValueError(f"{name}: {empty[0]!r} is empty (0 bytes): nothing to read (check the file you passed)")
+    try:
+        return datasets.load_dataset(kind, data_files=paths, split="train")
+    except Exception as error:  # datasets wraps the reader's error: find the file and line ourselves
+        problem = next((p for p in map(json_lines_problem, paths) if p), None) if kind == "json" else None
+        if problem is None:
+            cause = _root_cause(error)
+            problem = f"cannot read {paths if len(paths) > 1 else paths[0]!r} as {kind} ({type(cause).__name__}: {cause})"
+        raise ValueError(f"{name}: {problem}") from None
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}[type(value)]
+
+
+def json_lines_problem(path: str) -> str | None:
+    """What makes `path` unreadable as JSON lines (or as a JSON list of objects), as `path:line: what (fix)`, or
+    None when every line is a JSON object whose columns keep one type. Read only when loading failed."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            head = handle.read(4096).lstrip()
+            if not head:
+                return f"{path!r} holds only whitespace: write one JSON object per line"
+            handle.seek(0)
+            if head.startswith("["):
+                try:
+                    rows = json.load(handle)
+                except json.JSONDecodeError as error:
+                    return f"{path}:{error.lineno}:{error.colno}: invalid JSON ({error.msg})"
+                lines = [(row, f"{path}: element {i}") for i, row in enumerate(rows)] if isinstance(rows, list) else []
+            else:
+                lines = []
+                for number, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        lines.append((json.loads(line), f"{path}:{number}"))
+                    except json.JSONDecodeError as error:
+                        if number == 1 and head.startswith("{"):
+                            handle.seek(0)
+                            try:
+                                whole = json.load(handle)
+                            except json.JSONDecodeError:
+                                whole = None
+                            if isinstance(whole, dict):
+                                return (
+                                    f"{path!r} holds one JSON object over several lines: write one object per line "
+                                    f"(JSON lines), or a JSON list of objects"
+                                )
+                        return f"{path}:{number}:{error.colno}: invalid JSON ({error.msg}): one JSON object per line"
+    except UnicodeDecodeError as error:
+        return f"{path!r} is not UTF-8 text ({error.reason} at byte {error.start}): is it a JSON lines file?"
+    kinds: dict[str, tuple[str, str]] = {}
+    for row, where in lines:
+        if not isinstance(row, dict):
+            return f"{where}: a JSON {_json_kind(row)} where a JSON object {{\"column\": value, ...}} is expected"
+        for column, value in row.items():
+            if value is None:
+                continue
+            kind = _json_kind(value)
+            first = kinds.setdefault(column, (kind, where))
+            if first[0] != kind:
+                return (
+                    f"{where}: column {column!r} holds a {kind} here but a {first[0]} at {first[1]}: give every row "
+                    f"the same type in a column (e.g. all ids as strings)"
+                )
+    return None
+
+
+def check_column_types(table, columns: Sequence[str | None], name: str, source: Any = None) -> None:
+    """Refuse a used column whose rows mix JSON types (datasets reads it as a `Json` feature: a text column holding
+    a list would become the text "['x']"); the message names the line when `source` is a JSON lines file."""
+    import datasets
+
+    json_type = getattr(datasets, "Json", None)
+    mixed = [c for c in columns if c is not None and c in table.column_names
+             and json_type is not None and isinstance(table.features[c], json_type)]  # fmt: skip
+    if not mixed:
+        return
+    where = ""
+    paths = [source] if isinstance(source, (str, os.PathLike)) else source if isinstance(source, list) else []
+    for path in paths:
+        if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
+            where = json_lines_problem(os.fspath(path)) or ""
+            if where:
+                break
+    raise ValueError(
+        f"{name}: column(s) {mixed} mix value types between rows (e.g. strings and lists)"
+        + (f": {where}" if where else ": give every row the same type in a column")
+    )
 
 
 def undecoded_images(dataset, column: str | None):
@@ -160,21 +312,35 @@ def id_list(value: Any) -> list:
     return list(value)
 
 
-def _unique_ids(values: list, column: str, name: str, what: str, fix: str) -> list[str]:
-    """`values` as strings, refusing null and duplicate ids (both would silently merge two rows downstream)."""
-    nulls = [row for row, value in enumerate(values) if value is None]
+def check_ids(values: Sequence, column: str, name: str, what: str, fix: str) -> tuple[list[str], list[str]]:
+    """
+    (`values` as strings, problems): the one id check of queries and KB passages. Refused: null ids (a null id must
+    never become the string "None"), empty ones, ids that are neither strings nor integers (a float column, e.g. a
+    CSV id column with empty cells), and duplicates (they would silently merge two rows downstream).
+    """
+    problems = []
+    nulls = [row for row, value in enumerate(values) if value is None or (isinstance(value, str) and not value.strip())]
     if nulls:
-        raise ValueError(
-            f"{name} has {len(nulls)} null id(s) in column {column!r} (rows {few(nulls)}): every row needs an id"
+        problems.append(
+            f"{name}: {len(nulls)} null or empty id(s) in column {column!r} (rows {few(nulls)}): every row needs an id"
+        )
+    odd = [(row, value) for row, value in enumerate(values)
+           if value is not None and not isinstance(value, (str, int, np.integer)) or isinstance(value, bool)]  # fmt: skip
+    if odd:
+        row, value = odd[0]
+        problems.append(
+            f"{name}: {len(odd)} id(s) in column {column!r} are neither strings nor integers (row {row}: "
+            f"{value!r} of type {type(value).__name__}): give ids as strings or integers (a CSV column with empty "
+            f"cells is read as floats)"
         )
     ids = [str(value) for value in values]
     seen: set[str] = set()
-    duplicates = sorted({i for i in ids if i in seen or seen.add(i)})
+    duplicates = sorted({i for i, value in zip(ids, values) if value is not None and (i in seen or seen.add(i))})
     if duplicates:
-        raise ValueError(
-            f"{name} has {len(duplicates)} duplicate {what} ids, e.g. {few(duplicates)} (column {column!r}): {fix}"
+        problems.append(
+            f"{name}: {len(duplicates)} duplicate {what} ids, e.g. {few(duplicates)} (column {column!r}): {fix}"
         )
-    return ids
+    return ids, problems
 
 
 def empty_text_rows(dataset, column: str) -> np.ndarray:
@@ -223,7 +389,9 @@ class KnowledgeBase:
         return self.ids[row] if self.ids is not None else str(row)
 
     def row_of(self, value: Any) -> int | None:
-        """The row of KB id `value`, or None when it is not in the KB."""
+        """The row of KB id `value`, or None when it is not in the KB (a null id is in no KB)."""
+        if value is None:
+            return None
         if self.index is None:
             try:
                 row = int(value)
@@ -274,7 +442,9 @@ def read_knowledge_base(
     if len(table) == 0:
         raise ValueError(f"{name} is empty: nothing to encode or search (check the file / split you passed)")
     require_columns(table, {"passage_text": mapping.passage_text, "passage_title": mapping.passage_title}, name)
-    ids, index = None, None
+    mapping.optional_column(table, "passage_image", name)
+    check_column_types(table, [mapping.passage_id, mapping.passage_text, mapping.passage_title], name, source)
+    ids, index, problems = None, None, []
     column = mapping.passage_id
     if column is not None and column not in table.column_names:
         if not mapping.passage_id_fallback_to_row:
@@ -282,15 +452,15 @@ def read_knowledge_base(
         column = None
     if column is not None:
         values = table[column]
-        if all(isinstance(v, (int, np.integer)) for v in values) and np.array_equal(
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values) and np.array_equal(
             np.asarray(values), np.arange(len(values))
         ):
             pass  # ids are the row positions: no index needed
         else:
-            ids = _unique_ids(
-                values, column, name, "passage", "every passage needs a unique id (deduplicate the KB, or map passage_id=None "
-                "to identify passages by row position)"
-            )
+            ids, problems = check_ids(
+                values, column, name, "passage", "every passage needs a unique id (deduplicate the KB, or map "
+                "passage_id=None to identify passages by row position)"
+            )  # fmt: skip
             index = {passage_id: row for row, passage_id in enumerate(ids)}
     kb = KnowledgeBase(table, mapping, ids, index)
     empty_rows = empty_text_rows(table, mapping.passage_text) if check_texts else ()
@@ -298,10 +468,12 @@ def read_knowledge_base(
         images = kb.images()
         empty = [kb.id_of(int(r)) for r in empty_rows if images is None or images[int(r)] is None]
         if empty:
-            raise ValueError(
+            problems.append(
                 f"{len(empty)} passages of {name} have an empty text and no image (ids {few(empty)}): drop them "
                 f"or fill their text (column {mapping.passage_text!r})"
             )
+    if problems:
+        raise DataError(problems)
     return kb
 
 
@@ -324,10 +496,15 @@ class Queries:
 
 
 def read_queries(
-    source: Any, mapping: ColumnMapping | None = None, need_positives: bool = False, name: str = "the queries"
+    source: Any,
+    mapping: ColumnMapping | None = None,
+    need_positives: bool = False,
+    name: str = "the queries",
+    need_negatives: bool = False,
 ) -> Queries:
     """
-    Read and validate queries (anything `load_table` accepts, or `Queries`, returned as is).
+    Read and validate queries (anything `load_table` accepts, or `Queries`, returned as is). An explicitly named
+    negatives column must exist only with `need_negatives` (training: evaluation queries need no negatives).
 
     Raises:
         ValueError: no query; a missing question / id column (or positives column when `need_positives`); null or
@@ -345,20 +522,29 @@ def read_queries(
          "positive_ids": mapping.positive_ids if need_positives else None},
         name,
     )
-    n = len(table)
+    check_column_types(table, [mapping.query_id, mapping.question, mapping.positive_ids, mapping.negative_ids], name,
+                       source)  # fmt: skip
+    n, problems = len(table), []
     if mapping.query_id is not None:
-        ids = _unique_ids(table[mapping.query_id], mapping.query_id, name, "query", "query ids must be unique")
+        ids, problems = check_ids(table[mapping.query_id], mapping.query_id, name, "query", "query ids must be unique")
     else:
         ids = [str(row) for row in range(n)]
     questions = ["" if q is None else str(q) for q in table[mapping.question]]
-    images = None
-    if mapping.query_image is not None and mapping.query_image in table.column_names:
-        images = table[mapping.query_image]
+    image_column = mapping.optional_column(table, "query_image", name)
+    images = table[image_column] if image_column is not None else None
     empty = [ids[r] for r, q in enumerate(questions) if not q.strip() and (images is None or images[r] is None)]
     if empty:
-        raise ValueError(f"{len(empty)} of {name} have an empty question and no image: {few(empty)}")
+        problems.append(
+            f"{len(empty)} of {name} have an empty question and no image (ids {few(empty)}): drop them or fill "
+            f"column {mapping.question!r}"
+        )
     has_positives = mapping.positive_ids in table.column_names
-    has_negatives = mapping.negative_ids is not None and mapping.negative_ids in table.column_names
+    if need_negatives:
+        has_negatives = mapping.optional_column(table, "negative_ids", name) is not None
+    else:
+        has_negatives = mapping.negative_ids is not None and mapping.negative_ids in table.column_names
+    if problems:
+        raise DataError(problems)
     return Queries(
         ids=ids,
         questions=questions,
@@ -475,8 +661,17 @@ def prepare_training_data(
     mapping = mapping or ColumnMapping()
     if on_missing_positive not in MISSING_POSITIVE_ACTIONS:
         raise ValueError(f"on_missing_positive must be one of {MISSING_POSITIVE_ACTIONS}, got {on_missing_positive!r}")
-    queries = read_queries(queries, mapping, need_positives=True)
-    kb = read_knowledge_base(kb, mapping)
+    problems = []  # both sides are read and checked before refusing, so that one run lists every problem
+    try:
+        queries = read_queries(queries, mapping, need_positives=True, need_negatives=True)
+    except DataError as error:
+        problems += error.problems
+    try:
+        kb = read_knowledge_base(kb, mapping)
+    except DataError as error:
+        problems += error.problems
+    if problems:
+        raise DataError(problems)
     if queries.negative_ids is None and mapping.negative_ids is not None:
         logger.info(f"queries have no {mapping.negative_ids!r} column: negatives come from the batch and random passages")
     n = len(queries)
@@ -510,19 +705,20 @@ def prepare_training_data(
         stats.negatives_per_query.append(len(neg_rows))
         stats.n_query_images += images[row] is not None
 
-    if missing_ids:
-        raise ValueError(_missing_ids_message(missing_ids, mapping))
+    problems = [_missing_ids_message(missing_ids, mapping)] if missing_ids else []
+    if no_positive and on_missing_positive == "error":
+        problems.append(
+            f"{len(no_positive)} of {n} queries have no positive passage ({few(no_positive)}): fix the data, or "
+            f"pass on_missing_positive='skip' (--on_missing_positive skip) to train without them"
+        )
+    if not columns["query_id"] and not missing_ids:
+        problems.append(f"no query with a positive passage among {n}: nothing to train on")
+    if problems:
+        raise DataError(problems)
     if no_positive:
-        if on_missing_positive == "error":
-            raise ValueError(
-                f"{len(no_positive)} of {n} queries have no positive passage ({few(no_positive)}): fix the data, or "
-                f"pass on_missing_positive='skip' to train without them"
-            )
         logger.warning(f"skipping {len(no_positive)} of {n} queries without a positive passage ({few(no_positive)})")
     stats.n_skipped_no_positive = len(no_positive)
     stats.n_queries = len(columns["query_id"])
-    if stats.n_queries == 0:
-        raise ValueError(f"no query with a positive passage among {n}: nothing to train on")
 
     features = datasets.Features(
         {
@@ -548,20 +744,55 @@ def prepare_training_data(
     return PreparedData(queries=prepared, kb=kb, mapping=mapping, stats=stats)
 
 
+def training_data_problems(
+    queries: Any, kb: Any, mapping: ColumnMapping | None = None, on_missing_positive: str = "skip"
+) -> list[str]:
+    """
+    Everything `prepare_training_data` (hence `train`) would refuse in these queries and KB, as messages, instead of
+    stopping at the first: the same readers and checks, run on each side even when the other one fails. An empty
+    list: `train` accepts the data (image references are checked by `data.references` at batch time).
+    """
+    mapping = mapping or ColumnMapping()
+    problems, read = [], {}
+    for side, reader in (
+        ("queries", lambda: read_queries(queries, mapping, need_positives=True, need_negatives=True)),
+        ("kb", lambda: read_knowledge_base(kb, mapping)),
+    ):
+        try:
+            read[side] = reader()
+        except DataError as error:
+            problems += error.problems
+        except ValueError as error:
+            problems.append(str(error))
+    if len(read) == 2:
+        try:
+            prepare_training_data(read["queries"], read["kb"], mapping, on_missing_positive)
+        except DataError as error:
+            problems += error.problems
+        except ValueError as error:
+            problems.append(str(error))
+    return problems
+
+
 def _storable_references(values: list) -> list:
     """Image references that Arrow can store: strings and cells stay, arrays become nested lists."""
     return [value.tolist() if isinstance(value, np.ndarray) else value for value in values]
 
 
 __all__ = [
+    "OPTIONAL_ROLES",
     "ColumnMapping",
+    "DataError",
     "DataStats",
     "KnowledgeBase",
     "PreparedData",
     "Queries",
+    "check_ids",
+    "json_lines_problem",
     "load_table",
     "prepare_training_data",
     "qrels_from_queries",
     "read_knowledge_base",
     "read_queries",
+    "training_data_problems",
 ]

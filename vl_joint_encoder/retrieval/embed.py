@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
@@ -30,6 +31,37 @@ STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16"
 
 
 # ------------------------------------------------------------------------------------------------ loading
+HUB_ID = re.compile(r"^(?![.-])[\w.-]{1,96}(/(?![.-])[\w.-]{1,96})?$")
+
+
+def check_model_location(path: str, option: str = "model") -> None:
+    """
+    Refuse, before any loading, a model path that is neither an existing folder nor shaped like a Hub id
+    (`name` or `owner/name`): transformers would answer "Repo id must be in the form ..." for a mistyped folder.
+    """
+    if os.path.exists(path):
+        return
+    if not HUB_ID.match(path) or "--" in path or ".." in path or path.endswith((".", "-")):
+        raise ValueError(
+            f"{option} {path!r} does not exist: give the folder written by save_pretrained / vl-joint-encoder train / "
+            f"build (check the path), or a Hub id (owner/name)"
+        )
+
+
+def _from_pretrained(cls, path: str, option: str = "model"):
+    """`cls.from_pretrained(path)`, with a clear error for a Hub id that cannot be loaded."""
+    check_model_location(path, option)
+    try:
+        return cls.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        if os.path.exists(path):
+            raise
+        raise ValueError(
+            f"{option} {path!r} is not a local folder, and loading it as a Hub id failed ({error}): check the path "
+            f"or the id (offline, HF_HUB_OFFLINE=1, only models already in the cache load)"
+        ) from None
+
+
 def _load_processing(candidate: str, tokenizer_only: bool = False):
     """A JointEncoderProcessor (when the folder has `processor_config.json`) or a tokenizer, or None."""
     from transformers import AutoTokenizer
@@ -72,6 +104,7 @@ def load_model_and_processor(
             tokenizer is used.
     """
     path = os.fspath(path)
+    check_model_location(path)
     if tower is not None and tower not in TOWERS:
         raise ValueError(f"tower must be one of {TOWERS} or None, got {tower!r}")
     if os.path.exists(path) and not os.path.isfile(os.path.join(path, "config.json")) and not is_bi_encoder_dir(path):
@@ -84,7 +117,7 @@ def load_model_and_processor(
         model = JointEncoderModel.from_pretrained(folder) if tower else JointEncoderBiEncoder.from_pretrained(path)
         defaults = [path, folder]
     else:
-        model = JointEncoderModel.from_pretrained(path)
+        model = _from_pretrained(JointEncoderModel, path)
         defaults = [path]
     if tokenizer_path is not None and processor_path is None:
         processing = _load_processing(tokenizer_path, tokenizer_only=True)
@@ -242,6 +275,7 @@ __all__ = [
     "STORAGE_DTYPES",
     "batch_to_device",
     "check_max_length",
+    "check_model_location",
     "embed_batches",
     "forward_batch",
     "load_model_and_processor",

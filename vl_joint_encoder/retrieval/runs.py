@@ -33,6 +33,12 @@ def write_run(run: Mapping[str, Mapping[str, float]], path: str | os.PathLike, t
     if path.endswith(".json"):
         write_json(path, run, indent=1)
         return
+    bad = [i for q, passages in run.items() for i in (q, *passages) if not str(i) or any(c.isspace() for c in str(i))]
+    if bad:
+        raise ValueError(
+            f"cannot write {path!r} as a TREC run: {len(bad)} query / passage id(s) are empty or hold whitespace "
+            f"(e.g. {bad[0]!r}), which splits a TREC line into other fields: write a .json run instead"
+        )
     with atomic_write(path) as handle:
         for query_id, passages in run.items():
             for rank, (passage_id, score) in enumerate(passages.items(), 1):
