@@ -44,11 +44,11 @@ class JointEncoderTrainingArguments(TrainingArguments):
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     lora_target_modules: list[str] | None = field(
         default=None,
-        metadata={"help": "layers LoRA wraps: attention (default), ffn, all-linear, or layer names (q v wo ...)"},
+        metadata={"help": "layers LoRA wraps: presets attention, visual (default: both), ffn, all-linear, or names"},
     )
     lora_modules_to_save: list[str] | None = field(
         default=None,
-        metadata={"help": "modules trained fully with LoRA (default: visual_embedding and projection; none: nothing)"},
+        metadata={"help": "modules trained fully with LoRA (default: projection, if any; e.g. visual_embedding)"},
     )
     lora_merge: bool = field(default=False, metadata={"help": "also save the merged model in <output_dir>/merged"})
     use_query_images: bool = field(default=True, metadata={"help": "False: text-only queries (ablation)"})

@@ -1,9 +1,9 @@
 """Parameter-efficient training with PEFT's LoRA (Hu et al., 2021, https://arxiv.org/abs/2106.09685).
 
 `wrap_with_lora` turns a `JointEncoderModel` into a `peft.PeftModel` whose trainable parameters are the LoRA matrices
-of the chosen linear layers (default: the attention projections of every encoder layer) and, as VL-Adapter trains
-them (Sung et al., 2022, sec. 4), the modules in `modules_to_save` (default: the visual embedding, i.e. the projection
-of the visual features into the encoder, and the projection head if any). The frozen vision tower never gets LoRA.
+of the chosen linear layers (default: the attention projections of every encoder layer and the projection of the
+visual features into the encoder, which VL-Adapter trains too, Sung et al., 2022, sec. 4) and the modules in
+`modules_to_save`, trained fully (default: the projection head, if any). The frozen vision tower never gets LoRA.
 
 Saved with `save_pretrained`, a `PeftModel` writes the adapter alone in PEFT's format (`adapter_config.json`,
 `adapter_model.safetensors`); `PeftModel.from_pretrained(JointEncoderModel.from_pretrained(base), folder)` loads it,
@@ -29,21 +29,23 @@ logger = logging.get_logger(__name__)
 
 # the linear layers of each backbone, by name (modeling_joint_encoder: T5 attention q/k/v/o, feed-forward wi/wi_0/wi_1/wo;
 # BART attention q_proj/k_proj/v_proj/out_proj, feed-forward fc1/fc2)
+# `visual`: the projection of the visual features into the encoder (`visual_embedding.feat_embedding.0`)
 TARGET_PRESETS = {
-    "t5": {"attention": ["q", "k", "v", "o"], "ffn": ["wi", "wi_0", "wi_1", "wo"]},
-    "bart": {"attention": ["q_proj", "k_proj", "v_proj", "out_proj"], "ffn": ["fc1", "fc2"]},
-}
-DEFAULT_TARGETS = ("attention",)
+    "t5": {"attention": ["q", "k", "v", "o"], "ffn": ["wi", "wi_0", "wi_1", "wo"], "visual": ["feat_embedding.0"]},
+    "bart": {"attention": ["q_proj", "k_proj", "v_proj", "out_proj"], "ffn": ["fc1", "fc2"],
+             "visual": ["feat_embedding.0"]},
+}  # fmt: skip
+DEFAULT_TARGETS = ("attention", "visual")
 
 
 def target_module_names(config, targets: list[str] | tuple[str, ...] | None = None) -> list[str]:
-    """Module names (last name component) LoRA wraps: presets `attention` / `ffn` / `all-linear` of the backbone, or
-    names of the model's linear layers."""
+    """Module names (the end of their dotted name) LoRA wraps: presets `attention` / `ffn` / `visual` / `all-linear`
+    of the backbone, or names of the model's linear layers (`q`, `wo`, `feat_embedding.0`, ...)."""
     presets = TARGET_PRESETS[config.backbone]
     names: list[str] = []
     for target in targets or DEFAULT_TARGETS:
         if target == "all-linear":
-            names += presets["attention"] + presets["ffn"]
+            names += presets["attention"] + presets["ffn"] + presets["visual"]
         elif target in presets:
             names += presets[target]
         else:
@@ -57,7 +59,7 @@ def target_modules_regex(model: torch.nn.Module, names: list[str]) -> str:
     linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
     outside_tower = [name for name in linear if not name.startswith("vision_model.")]
     for target in names:
-        if not any(name.rsplit(".", 1)[-1] == target for name in outside_tower):
+        if not any(name == target or name.endswith("." + target) for name in outside_tower):
             present = sorted({name.rsplit(".", 1)[-1] for name in outside_tower})
             raise ValueError(
                 f"lora_target_modules: no linear layer of the encoder is named {target!r}; its linear layers are "
@@ -73,10 +75,8 @@ def _escape(name: str) -> str:
 
 
 def default_modules_to_save(model: torch.nn.Module) -> list[str]:
-    modules = ["visual_embedding"]
-    if getattr(model, "projection", None) is not None:
-        modules.append("projection")
-    return modules
+    """The projection head, if any: new in a retriever, it has no pretrained weights for LoRA to adapt."""
+    return ["projection"] if getattr(model, "projection", None) is not None else []
 
 
 def wrap_with_lora(

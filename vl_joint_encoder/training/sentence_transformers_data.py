@@ -13,24 +13,31 @@ from typing import Any
 
 import numpy as np
 
-from ..data.references import resolve_visual, resolved_path, shown
+from ..data.references import (
+    IMAGE_BYTES,
+    IMAGE_FILE,
+    NONE,
+    PIL_IMAGE,
+    classify,
+    resolve_visual,
+    resolved_path,
+    shown,
+)
 from ..data.tables import ColumnMapping, PreparedData, prepare_training_data
 
 
 def _cell(text: str, reference: Any, feature_store: Any, image_root: str | None, where: str) -> dict:
-    if reference is None:
+    kind = classify(reference, feature_store, image_root)
+    if kind == NONE:
         return {"text": text, "image": None}
-    resolved = resolve_visual(reference, feature_store, image_root)
-    if resolved is None:
-        return {"text": text, "image": None}
-    kind, value = resolved
-    if kind == "image":
-        if not isinstance(shown(reference), str):
-            raise ValueError(
-                f"{where}: image {type(reference).__name__} is not a file path; sentence-transformers datasets here "
-                f"hold image paths (relative to image_root) or feature-store keys"
-            )
+    if kind == IMAGE_FILE:  # the path only: the module opens it at batch time, as the package's batches do
         return {"text": text, "image": resolved_path(shown(reference), image_root)}
+    if kind in (PIL_IMAGE, IMAGE_BYTES):
+        raise ValueError(
+            f"{where}: an in-memory image ({type(reference).__name__}); this dataset holds image file paths (relative "
+            f"to image_root) or precomputed features: save the images as files"
+        )
+    _, value = resolve_visual(reference, feature_store, image_root)  # features (or a clear error for a missing file)
     if value.get("visual_pos") is not None and np.any(np.asarray(value["visual_pos"])):
         raise ValueError(
             f"{where}: {value['source']} has boxes (visual_pos), which sentence-transformers inputs cannot carry; "
