@@ -233,8 +233,9 @@ def brute_force_mrr(st, queries, kb):
     return float(np.mean([1.0 / r for r in ranks]))
 
 
-@pytest.mark.parametrize("loss_name", ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"])
-def test_sentence_transformers_trainer_learns_on_our_data(tokenizer, tmp_path, loss_name):
+def st_training(tokenizer, tmp_path, loss_name: str, **overrides):
+    """A shared-tower model loaded with SentenceTransformer, trained by SentenceTransformerTrainer on the package's
+    data format (`sentence_transformers_dataset`): (model, MRR before, MRR after)."""
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, losses
 
     from vl_joint_encoder.training.sentence_transformers_data import sentence_transformers_dataset
@@ -247,43 +248,39 @@ def test_sentence_transformers_trainer_learns_on_our_data(tokenizer, tmp_path, l
     before = brute_force_mrr(st, QUERIES, KB)
     dataset = sentence_transformers_dataset(QUERIES, KB, feature_store=STORE, n_negatives=1)
     assert dataset.column_names == ["anchor", "positive", "negative_1"] and len(dataset) == len(QUERIES)
-    loss = getattr(losses, loss_name)(st, **({"mini_batch_size": 4} if loss_name.startswith("Cached") else {}))
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        num_train_epochs=6,
-        per_device_train_batch_size=8,
-        learning_rate=3e-3,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=100,
-        seed=0,
-        disable_tqdm=True,
-        batch_sampler="no_duplicates",
-    )
+    loss = getattr(losses, loss_name)(st, **({"mini_batch_size": 3} if loss_name.startswith("Cached") else {}))
+    kwargs = dict(output_dir=str(tmp_path / "out"), num_train_epochs=6, per_device_train_batch_size=8,
+                  learning_rate=3e-3, use_cpu=True, report_to=[], save_strategy="no", logging_steps=100, seed=0,
+                  disable_tqdm=True, batch_sampler="no_duplicates")  # fmt: skip
+    kwargs.update(overrides)
+    args = SentenceTransformerTrainingArguments(**kwargs)
     SentenceTransformerTrainer(model=st, args=args, train_dataset=dataset, loss=loss).train()
-    after = brute_force_mrr(st, QUERIES, KB)
+    return st, before, brute_force_mrr(st, QUERIES, KB)
+
+
+def test_sentence_transformers_trainer_learns_on_our_data(tokenizer, tmp_path):
+    st, before, after = st_training(tokenizer, tmp_path, "MultipleNegativesRankingLoss")
     # the image decides the entity: a text-only model is capped near H_8 / 8 = 0.34
     assert after > 0.6 and after > before + 0.3, (before, after)
     # what it trained is the package's model: saved by sentence-transformers, it loads with JointEncoderModel
     st.save(str(tmp_path / "trained"))
     again = JointEncoderModel.from_pretrained(str(tmp_path / "trained")).eval()
     processor = JointEncoderProcessor.from_pretrained(str(tmp_path / "trained"))
+    query = QUERIES[0]
     with torch.no_grad():
-        ours = again.encode(
-            **processor(
-                text=[QUERIES[0]["question"]],
-                visual_feats=[STORE[QUERIES[0]["image"]]],
-                return_tensors="pt",
-                truncation=True,
-                max_length=64,
-            )
-        )
-    torch.testing.assert_close(
-        st.encode_query(
-            [{"text": QUERIES[0]["question"], "image": STORE[QUERIES[0]["image"]]}], convert_to_tensor=True
-        ),
-        ours,
-        atol=2e-6,
-        rtol=0,
-    )
+        ours = again.encode(**processor(text=[query["question"]], visual_feats=[STORE[query["image"]]],
+                                        return_tensors="pt", truncation=True, max_length=64))  # fmt: skip
+    theirs = st.encode_query([{"text": query["question"], "image": STORE[query["image"]]}], convert_to_tensor=True)
+    torch.testing.assert_close(theirs, ours, atol=2e-6, rtol=0)
+
+
+def test_cached_mnrl_trains_as_mnrl(tokenizer, tmp_path):
+    """CachedMultipleNegativesRankingLoss (GradCache in chunks of 3) through the module: the same 2 steps as MNRL."""
+    weights = []
+    for loss_name in ("MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"):
+        st, *_ = st_training(tokenizer, tmp_path / loss_name, loss_name, num_train_epochs=1, max_steps=2)
+        weights.append({k: v.detach().clone() for k, v in st[0].model.state_dict().items()})
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], atol=1e-5, rtol=0, msg=name)
+    initial = JointEncoderModel.from_pretrained(str(tmp_path / "MultipleNegativesRankingLoss" / "base")).state_dict()
+    assert any(not torch.equal(initial[k], weights[0][k]) for k in initial)  # the two steps did train
