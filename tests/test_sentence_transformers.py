@@ -236,7 +236,8 @@ def brute_force_mrr(st, queries, kb):
 def st_training(tokenizer, tmp_path, loss_name: str, **overrides):
     """A shared-tower model loaded with SentenceTransformer, trained by SentenceTransformerTrainer on the package's
     data format (`sentence_transformers_dataset`): (model, MRR before, MRR after)."""
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, losses
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer import losses
 
     from vl_joint_encoder.training.sentence_transformers_data import sentence_transformers_dataset
 
