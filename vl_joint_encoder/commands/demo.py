@@ -35,6 +35,12 @@ class DemoArguments:
     lora_r: int = field(
         default=0, metadata={"help": "train LoRA adapters of this rank (PEFT) instead of the whole encoder; 0: full"}
     )
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "with --lora-r: layers LoRA wraps (as vl-joint-encoder train's option)"}
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "with --lora-r: modules trained fully (as vl-joint-encoder train's option)"}
+    )
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or auto (cuda when available)"})
     num_threads: int = field(
         default=1, metadata={"help": "torch CPU threads (1 is fastest for a model this small, and on a busy machine)"}

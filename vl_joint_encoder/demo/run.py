@@ -227,6 +227,8 @@ def run_demo(args) -> dict:
         data_seed=args.seed,
         dataloader_num_workers=0,
         lora_r=args.lora_r or None,
+        lora_target_modules=args.lora_target_modules,
+        lora_modules_to_save=args.lora_modules_to_save,
     )
     trainer = JointEncoderTrainer(
         model=model,
