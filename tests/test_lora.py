@@ -154,6 +154,12 @@ def test_wrapping_errors_name_the_fix(tokenizer):
     model = new_model(tokenizer)
     with pytest.raises(ValueError, match="no linear layer of the encoder is named 'query'"):
         wrap_with_lora(model, 4, target_modules=["query"])
+    # a preset names the layers of either feed-forward variant (wi, or wi_0 + wi_1): the absent ones are dropped
+    wrapped = wrap_with_lora(new_model(tokenizer), 2, target_modules=["all-linear"])
+    wrapped_layers = {
+        name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in wrapped.named_parameters() if "lora_A" in name
+    }
+    assert wrapped_layers == {"q", "k", "v", "o", "wi", "wo", "0"}, wrapped_layers
     with pytest.raises(ValueError, match="lora_merge needs lora_r"):
         JointEncoderTrainingArguments(output_dir="x", lora_merge=True, use_cpu=True)
     with pytest.raises(ValueError, match="drop train_only"):

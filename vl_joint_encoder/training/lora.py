@@ -53,17 +53,24 @@ def target_module_names(config, targets: list[str] | tuple[str, ...] | None = No
     return list(dict.fromkeys(names))
 
 
-def target_modules_regex(model: torch.nn.Module, names: list[str]) -> str:
+def target_modules_regex(model: torch.nn.Module, names: list[str], required: set[str] | None = None) -> str:
     """A regex (PEFT matches a string `target_modules` with `re.fullmatch` on each module's name) selecting the linear
-    layers named `names` outside the vision tower; raises if a name matches no layer."""
+    layers named `names` outside the vision tower. A name of `required` (default: all) that matches no layer raises;
+    the others are dropped (a preset names `wi` and `wi_0`: a model has one or the other)."""
     linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
     outside_tower = [name for name in linear if not name.startswith("vision_model.")]
+    required = set(names) if required is None else required
+
+    def present(target: str) -> bool:
+        return any(name == target or name.endswith("." + target) for name in outside_tower)
+
+    names = [target for target in names if target in required or present(target)]
     for target in names:
-        if not any(name == target or name.endswith("." + target) for name in outside_tower):
-            present = sorted({name.rsplit(".", 1)[-1] for name in outside_tower})
+        if not present(target):
+            layer_names = sorted({name.rsplit(".", 1)[-1] for name in outside_tower})
             raise ValueError(
                 f"lora_target_modules: no linear layer of the encoder is named {target!r}; its linear layers are "
-                f"named {present} (or use the presets attention, ffn, all-linear)"
+                f"named {layer_names} (or use the presets attention, visual, ffn, all-linear)"
             )
     return r"^(?!vision_model\.)(.*\.)?(" + "|".join(map(_escape, names)) + r")$"
 
@@ -104,11 +111,13 @@ def wrap_with_lora(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {dropout}")
     names = target_module_names(model.config, target_modules)
+    presets = set(TARGET_PRESETS[model.config.backbone]) | {"all-linear"}
+    explicit = {target for target in (target_modules or []) if target not in presets}
     config = LoraConfig(
         r=r,
         lora_alpha=float(2 * r if alpha is None else alpha),
         lora_dropout=dropout,
-        target_modules=target_modules_regex(model, names),
+        target_modules=target_modules_regex(model, names, explicit),
         modules_to_save=default_modules_to_save(model) if modules_to_save is None else list(modules_to_save),
         bias="none",
     )
