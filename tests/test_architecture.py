@@ -88,7 +88,8 @@ def test_no_import_cycle_and_layers_respected():
 def test_remote_code_files_import_only_each_other():
     """`save_pretrained` copies these files next to the weights: a relative import of any other module would break
     `AutoModel.from_pretrained(folder, trust_remote_code=True)` where the package is not installed."""
-    remote = {"configuration_joint_encoder", "modeling_joint_encoder", "processing_joint_encoder", "images", "clip_resnet"}
+    remote = {"configuration_joint_encoder", "modeling_joint_encoder", "processing_joint_encoder", "images",
+              "clip_resnet", "sentence_transformers_files", "sentence_transformers_joint_encoder"}
     graph = module_graph()
     for name in remote:
         targets = {t.removeprefix("vl_joint_encoder.") for t in graph[f"vl_joint_encoder.{name}"]}

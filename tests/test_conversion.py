@@ -75,6 +75,12 @@ def original_checkpoint(seed=0, tasks=(), ddp=True, legacy=False, **overrides):
         state = {"module." + k: v for k, v in state.items()}
     return state, encoder_state, model.config
 
+# what sentence-transformers reads (vl_joint_encoder.sentence_transformers_files), next to what transformers reads
+SENTENCE_TRANSFORMERS_FILES = [
+    "config_sentence_transformers.json", "modules.json", "sentence_transformers_joint_encoder.json",
+    "sentence_transformers_joint_encoder.py", "sentence_transformers_files.py", "processing_joint_encoder.py", "images.py",
+]
+
 
 def inputs(config, num_visual=5, seed=7):
     generator = torch.Generator().manual_seed(seed)
@@ -217,14 +223,15 @@ def test_vl_t5_conversion_matches_the_reference(tmp_path, variant):
         **batch,
     )
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([
         "README.md",
         "clip_resnet.py",  # remote code: the config module imports it for CLIP-ResNet towers
         "config.json",
         "configuration_joint_encoder.py",
         "model.safetensors",
         "modeling_joint_encoder.py",
-    ]
+        *SENTENCE_TRANSFORMERS_FILES,
+    ])
     assert not leftovers(tmp_path)
 
 

@@ -14,7 +14,7 @@ import torch
 from hub_server import hub_server  # noqa: F401  (pytest fixture)
 from huggingface_hub import ModelCard
 from reference_vl_bart import reference_vl_bart_encoder, strip_ddp_prefix
-from test_conversion import original_checkpoint
+from test_conversion import SENTENCE_TRANSFORMERS_FILES, original_checkpoint
 from vl_bart_fixtures import (
     BASE_VOCAB_SIZE,
     SHARED_ALIASES,
@@ -116,9 +116,10 @@ def test_vl_bart_conversion_matches_the_reference(tmp_path, variant):
                                          use_vis_layer_norm=variant != "no_vis_norm",
                                          share_vis_lang_layer_norm=share, **inputs)
     torch.testing.assert_close(hidden, expected, atol=ATOL, rtol=0)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "README.md", "clip_resnet.py", "config.json", "configuration_joint_encoder.py", "model.safetensors", "modeling_joint_encoder.py",
-    ]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([
+        "README.md", "clip_resnet.py", "config.json", "configuration_joint_encoder.py", "model.safetensors",
+        "modeling_joint_encoder.py", *SENTENCE_TRANSFORMERS_FILES,
+    ])
     assert not leftovers(tmp_path / "snap")
 
 

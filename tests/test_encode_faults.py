@@ -180,7 +180,7 @@ def test_index_of_another_kb_and_duplicate_query_ids_are_refused(saved_model, tm
     # duplicate and null query ids: refused naming them, nothing written
     for rows, message in (
         ([{"id": "q1", "question": "a"}, {"id": "q1", "question": "b"}, {"id": "q2", "question": "c"}], "'q1'"),
-        ([{"id": "q1", "question": "a"}, {"id": None, "question": "b"}], "null id"),
+        ([{"id": "q1", "question": "a"}, {"id": None, "question": "b"}], "null or empty id"),
     ):
         write_jsonl(tmp_path / "bad.jsonl", rows)
         code = search_command.main(["--model", model_path, "--queries", str(tmp_path / "bad.jsonl"), "--embeddings",

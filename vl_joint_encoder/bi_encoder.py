@@ -17,6 +17,7 @@ from transformers.utils import logging
 
 from .configuration_joint_encoder import JointEncoderConfig
 from .modeling_joint_encoder import JointEncoderModel, JointEncoderPreTrainedModel
+from .sentence_transformers_files import write_router_files
 from .utils.io import write_json
 
 
@@ -87,7 +88,8 @@ class JointEncoderBiEncoder(JointEncoderPreTrainedModel):
 
     # ---------------------------------------------------------------------------------------------- save / load
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None, **kwargs) -> None:
-        """Write `query_encoder/` and `passage_encoder/` (each loadable with AutoModel) and `bi_encoder.json`."""
+        """Write `query_encoder/` and `passage_encoder/` (each loadable with AutoModel) and `bi_encoder.json`, and the
+        sentence-transformers files (a Router over the two towers)."""
         is_main_process = kwargs.get("is_main_process", True)
         os.makedirs(save_directory, exist_ok=True)
         for tower in TOWERS:
@@ -99,6 +101,8 @@ class JointEncoderBiEncoder(JointEncoderPreTrainedModel):
         if is_main_process:
             path = os.path.join(save_directory, BI_ENCODER_FILE)
             write_json(path, {"architecture": type(self).__name__, "towers": list(TOWERS)})
+            # sentence-transformers: a Router whose query / document routes are the two towers
+            write_router_files(save_directory, self.config, TOWERS)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs) -> JointEncoderBiEncoder:

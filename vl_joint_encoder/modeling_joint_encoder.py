@@ -257,7 +257,7 @@ class JointEncoderAttention(nn.Module):
         self.o = nn.Linear(self.inner_dim, config.d_model, bias=False)
         if has_relative_attention_bias:
             self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
-            self._bucket_cache: dict[tuple[int, str], torch.Tensor] = {}
+            self._bucket_cache: dict[tuple[int, str, bool], torch.Tensor] = {}
 
     @staticmethod
     def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -278,7 +278,8 @@ class JointEncoderAttention(nn.Module):
     def compute_bias(self, text_length: int, total_length: int, device: torch.device) -> torch.Tensor:
         """T5 relative bias on the text x text block, zero for every pair involving a visual token."""
         # The buckets depend only on the text length: computed once per (length, device), not in every forward.
-        cache_key = (text_length, str(device))
+        # A tensor made under torch.inference_mode cannot be saved for backward: buckets made there are cached apart.
+        cache_key = (text_length, str(device), torch.is_inference_mode_enabled())
         buckets = self._bucket_cache.get(cache_key)
         if buckets is None:
             position = torch.arange(text_length, dtype=torch.long, device=device)
@@ -747,6 +748,17 @@ class JointEncoderModel(JointEncoderPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
         self.freeze_vision_model()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, then the files sentence-transformers reads (`modules.json`, ...; see
+        `sentence_transformers_files`), so the folder also loads with `SentenceTransformer(folder, trust_remote_code=True)`
+        (with the processor saved next to it)."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            from .sentence_transformers_files import write_sentence_transformers_files
+
+            write_sentence_transformers_files(save_directory, self.config)
+        return result
 
     # ----------------------------------------------------------------------------------------------- embeddings
     def get_input_embeddings(self) -> nn.Embedding:

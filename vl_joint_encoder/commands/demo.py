@@ -32,6 +32,15 @@ class DemoArguments:
     )
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW peak rate (linear warm-up and decay)"})
     eval_steps: int = field(default=100, metadata={"help": "validation MRR@10 every N steps"})
+    lora_r: int = field(
+        default=0, metadata={"help": "train LoRA adapters of this rank (PEFT) instead of the whole encoder; 0: full"}
+    )
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "with --lora-r: layers LoRA wraps (as vl-joint-encoder train's option)"}
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "with --lora-r: modules trained fully (as vl-joint-encoder train's option)"}
+    )
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or auto (cuda when available)"})
     num_threads: int = field(
         default=1, metadata={"help": "torch CPU threads (1 is fastest for a model this small, and on a busy machine)"}
@@ -39,6 +48,8 @@ class DemoArguments:
     no_plots: bool = field(default=False, metadata={"help": "skip the PNG figures (no matplotlib needed)"})
 
     def __post_init__(self):
+        if self.lora_r < 0:
+            raise ValueError(f"--lora-r must be >= 0 (0: full fine-tuning), got {self.lora_r}")
         for name in ("num_entities", "train_renderings", "max_steps", "batch_size", "eval_steps", "num_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

@@ -302,6 +302,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args, dat
         image_root=data_args.image_root,
         evaluator=build_evaluator(data_args, processing, training_args.passage_max_length, data.kb, store),
     )
+    from ..training.lora import ParameterAndMemoryLog
+
+    trainer.add_callback(ParameterAndMemoryLog())  # trainable parameters and memory in the log
     # "last": the newest COMPLETE checkpoint; a named one is verified; a finished run is refused (training/checkpoints.py)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = dict(result.metrics)
@@ -318,6 +321,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args, dat
     )
     hub_id = model_args.model_name_or_path if not os.path.isdir(model_args.model_name_or_path) else None
     trainer.save_final_model(results=metrics, data_description=description, base_model=hub_id)
+    if training_args.lora_merge and training_args.should_save:
+        from ..training.lora import save_merged
+
+        save_merged(trainer.accelerator.unwrap_model(trainer.model), os.path.join(training_args.output_dir, "merged"),
+                    processing)  # fmt: skip
     return metrics
 
 

@@ -226,6 +226,9 @@ def run_demo(args) -> dict:
         seed=args.seed,
         data_seed=args.seed,
         dataloader_num_workers=0,
+        lora_r=args.lora_r or None,
+        lora_target_modules=args.lora_target_modules,
+        lora_modules_to_save=args.lora_modules_to_save,
     )
     trainer = JointEncoderTrainer(
         model=model,
@@ -237,6 +240,9 @@ def run_demo(args) -> dict:
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
+    from ..training.lora import log_parameters
+
+    parameters = log_parameters(trainer.model, "demo training")  # trainable / total (frozen tower included)
     train_started = time.perf_counter()
     trainer.train()
     timings["train_s"] = time.perf_counter() - train_started
@@ -260,14 +266,20 @@ def run_demo(args) -> dict:
 
     model_dir = os.path.join(out, "model")
     with atomic_path(model_dir) as staging:  # written aside, renamed into place: never a half-written model/
-        trainer.save_final_model(
-            staging,
-            results={f"test_{k}": v for k, v in trained["metrics"].items()},
-            data_description=f"The vl-joint-encoder demo's toy world (seed {args.seed}): {len(world.entities)} "
-            f"entities x {args.num_attributes} facts, questions with a rendering of the entity.",
-            final_dir=model_dir,
-        )
-        processor.save_pretrained(staging)
+        if args.lora_r:  # model/ = the merged model (loads as full fine-tuning's does), model/lora_adapter/ = PEFT
+            from ..training.lora import save_merged
+
+            save_merged(trainer.model, staging, processor)
+            trainer.model.save_pretrained(os.path.join(staging, "lora_adapter"))
+        else:
+            trainer.save_final_model(
+                staging,
+                results={f"test_{k}": v for k, v in trained["metrics"].items()},
+                data_description=f"The vl-joint-encoder demo's toy world (seed {args.seed}): {len(world.entities)} "
+                f"entities x {args.num_attributes} facts, questions with a rendering of the entity.",
+                final_dir=model_dir,
+            )
+            processor.save_pretrained(staging)
     shutil.rmtree(os.path.join(out, "trainer"), ignore_errors=True)
 
     figures = {}
@@ -289,6 +301,7 @@ def run_demo(args) -> dict:
         "device": device,
         "machine": machine_description(device, args.num_threads),
         "timings": {k: round(v, 1) for k, v in timings.items()},
+        "parameters": parameters,
         "log_history": trainer.state.log_history,
         "outputs": {"model": model_dir, "embeddings": os.path.join(out, "embeddings"), "runs": os.path.join(out, "runs"),
                     "data": os.path.join(out, "data"), **figures},

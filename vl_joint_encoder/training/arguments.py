@@ -37,6 +37,20 @@ class JointEncoderTrainingArguments(TrainingArguments):
     separate_towers: bool = field(
         default=False, metadata={"help": "separate query / passage encoders (initialised as copies of the model)"}
     )
+    lora_r: int | None = field(
+        default=None, metadata={"help": "train LoRA adapters of this rank (PEFT) instead of the whole encoder"}
+    )
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scaling alpha / r (default: alpha = 2 r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "layers LoRA wraps: presets attention, visual (default: both), ffn, all-linear, or names"},
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "modules trained fully with LoRA (default: projection, if any; e.g. visual_embedding)"},
+    )
+    lora_merge: bool = field(default=False, metadata={"help": "also save the merged model in <output_dir>/merged"})
     use_query_images: bool = field(default=True, metadata={"help": "False: text-only queries (ablation)"})
     use_passage_images: bool = field(default=True, metadata={"help": "False: text-only passages"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep False: the collator reads raw columns"})
@@ -53,6 +67,19 @@ class JointEncoderTrainingArguments(TrainingArguments):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.train_only is not None and self.train_only not in TRAIN_ONLY_CHOICES:
             raise ValueError(f"train_only must be one of {TRAIN_ONLY_CHOICES} or None, got {self.train_only!r}")
+        if self.lora_r is not None:
+            if self.lora_r < 1:
+                raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+            if self.train_only is not None or self.freeze_first_n_blocks or self.freeze_token_embeddings:
+                raise ValueError(
+                    "lora_r trains LoRA adapters only: drop train_only / freeze_first_n_blocks / freeze_token_embeddings"
+                )
+            if self.separate_towers:
+                raise ValueError("lora_r with separate_towers is not supported yet: train LoRA on a shared tower")
+        elif self.lora_merge:
+            raise ValueError("lora_merge needs lora_r (there is no LoRA adapter to merge)")
+        if self.lora_modules_to_save is not None and [m.lower() for m in self.lora_modules_to_save] == ["none"]:
+            self.lora_modules_to_save = []
         if self.similarity is not None and self.similarity not in ("dot", "cosine"):
             raise ValueError(f"similarity must be 'dot' or 'cosine', got {self.similarity!r}")
         if self.remove_unused_columns:

@@ -97,6 +97,13 @@ class JointEncoderTrainer(Trainer):
             )
         if args.separate_towers and isinstance(model, JointEncoderModel):
             model = JointEncoderBiEncoder.from_shared(model)
+        if args.lora_r is not None:  # PEFT: the encoder inside a PeftModel, only LoRA (+ modules_to_save) trains
+            from .lora import wrap_with_lora
+
+            with torch.random.fork_rng(devices=[]):  # the LoRA initialisation depends on the seed only
+                torch.manual_seed(args.seed)
+                model = wrap_with_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout,
+                                       args.lora_target_modules, args.lora_modules_to_save)  # fmt: skip
         check_model_matches_arguments(model, args)
         apply_freezing(model, args.freeze_token_embeddings, args.freeze_first_n_blocks, args.train_only)
 
