@@ -100,11 +100,17 @@ def test_the_matrix_trains_and_every_case_is_covered(matrix, tokenizer_dir):
     configs = trainer_matrix.configurations()
     for field, values in (("towers", {"shared", "separate"}), ("step", {"plain", "grad_cache", "accumulation"}),
                           ("passages", {"text", "image", "mixed"}), ("queries", {"image", "text"}),
-                          ("freeze", {"none", "clip_tower", "first_block", "adapters", "projection"})):  # fmt: skip
-        assert {config[field] for config in configs.values()} == values
+                          ("freeze", {"none", "clip_tower", "first_block", "adapters", "projection"}),
+                          ("lora_r", {None, 2})):  # fmt: skip
+        assert {config.get(field) for config in configs.values()} == values
     vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     for name, steps in references.items():
         separate = configs[name]["towers"] == "separate"
+        if configs[name].get("lora_r"):  # PEFT names; lora_B starts at zero (peft's initialisation)
+            lora_b = [key for key in steps[0] if "lora_B" in key]
+            assert lora_b and any(steps[0][key].abs().sum() > 0 for key in lora_b), name
+            assert all("lora_" in key or "modules_to_save" in key for key in steps[0]), name  # the base is frozen
+            continue
         initial = dict(trainer_matrix.build_model(configs[name], vocab_size).named_parameters())
         moved = [key for key, value in steps[0].items()
                  if not torch.equal(value, initial[key.split(".", 1)[1] if separate else key])]  # fmt: skip

@@ -56,6 +56,11 @@ def configurations() -> dict[str, dict]:
         configs[f"{towers}-plain-p_text-q_{queries}-adamw"] = dict(
             towers=towers, step="plain", passages="text", queries=queries, freeze="none", optim="adamw_torch"
         )
+    # LoRA (PEFT, shared tower only): the adapters and the trained visual projection, plain and GradCache steps
+    for step, passages in (("plain", "text"), ("grad_cache", "image")):
+        configs[f"shared-{step}-p_{passages}-q_image-lora"] = dict(
+            towers="shared", step=step, passages=passages, queries="image", freeze="none", lora_r=2
+        )
     return configs
 
 
@@ -126,6 +131,7 @@ def train(config: dict, tokenizer, output_dir: str, per_device: int) -> list[dic
         freeze_first_n_blocks=1 if config["freeze"] == "first_block" else 0,
         train_only={"adapters": "adapters", "projection": "projection"}.get(config["freeze"]),
         accelerator_config={"even_batches": False}, dataloader_num_workers=0, log_level="warning",
+        lora_r=config.get("lora_r"),
     )  # fmt: skip
     recorder = RecordParameters()
     trainer = JointEncoderTrainer(
