@@ -51,6 +51,12 @@ class KBReader:
         self.text_column = mapping.passage_text
         self.title_column = mapping.passage_title
         self.image_column = kb.image_column
+        # a KnowledgeBase subclass with its own passages (ViQuAE: article images joined, title modes) is read
+        # through them, range by range
+        self.custom = type(kb).passages is not KnowledgeBase.passages
+        if self.custom:
+            self.has_images = self.image_column is not None and kb.images() is not None
+            return
         self.arrow = kb.table.with_format("arrow")  # [start:stop] -> pyarrow.Table slice (zero copy)
         self.has_images = self.image_column is not None and not self._all_null(self.image_column)
 
@@ -68,6 +74,10 @@ class KBReader:
 
     def read(self, start: int, stop: int, with_texts: bool = True) -> PassageRange:
         stop = min(stop, len(self))
+        if self.custom:
+            texts, images = self.kb.passages(range(start, stop))
+            return PassageRange(start, stop, [self.kb.id_of(row) for row in range(start, stop)], list(texts),
+                                list(images) if self.has_images else None)  # fmt: skip
         table = self.arrow[start:stop]
         texts: list[str] = []
         if with_texts:
