@@ -126,9 +126,10 @@ def kb_path(args) -> list[dict]:
                 t0 = time.perf_counter()
                 encode_knowledge_base(StubModel(), processor, kb, os.path.join(folder, "out"), batch_size=64,
                                       shard_size=10_000, max_length=256, progress=False,
-                                      image_root=folder if args.images else None)  # fmt: skip
+                                      image_root=folder if args.images else None,
+                                      cache_images=not args.no_image_cache)  # fmt: skip
                 t_encode = time.perf_counter() - t0
-                row = {"passages": n, "format": fmt, "images": args.images,
+                row = {"passages": n, "format": fmt, "images": args.images, "image_cache": not args.no_image_cache,
                        "tokenizer": "real" if args.real_tokenizer else "stub",
                        "read_and_validate_us_per_passage": round(t_read / n * 1e6, 2),
                        "encode_kb_path_us_per_passage": round(t_encode / n * 1e6, 2),
@@ -201,6 +202,7 @@ def main() -> None:
     kb.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     kb.add_argument("--formats", nargs="+", default=["jsonl", "disk", "parquet"], choices=["jsonl", "disk", "parquet"])
     kb.add_argument("--images", action="store_true", help="one JPEG per article (8 passages)")
+    kb.add_argument("--no_image_cache", action="store_true", help="decode every passage's image (no shard cache)")
     kb.add_argument("--real_tokenizer", action="store_true", help="tokenise for real (a small trained tokenizer)")
     model = sub.add_parser("model", help="end to end vs forward only, small model on CPU")
     model.add_argument("--passages", type=int, default=2048)

@@ -218,3 +218,35 @@ def test_passages_with_images_through_the_processor(saved_model, tmp_path):
         torch.testing.assert_close(embeddings[row], expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="plain tokenizer"):
         encode.encode_knowledge_base(model, tokenizer, kb, tmp_path / "tok", progress=False)
+
+
+def test_image_cache_gives_the_same_bits_as_decoding_every_passage(saved_model, tmp_path):
+    """Passages sharing an image file (an article's image): decoded once per shard or once per passage, the shards are
+    bit-identical."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from vl_joint_encoder import JointEncoderProcessor
+    from vl_joint_encoder.vision import tiny_clip_vision_config
+
+    _, _, tokenizer = saved_model
+    vision_config = tiny_clip_vision_config()
+    torch.manual_seed(0)
+    config = JointEncoderConfig(
+        **tiny_config_kwargs(vocab_size=len(tokenizer), feat_dim=vision_config.hidden_size),
+        vision_config=vision_config,
+    )
+    model = randomize_(JointEncoderModel(config)).eval()
+    processor = JointEncoderProcessor.from_model_config(config, tokenizer)
+    for name in ("astronaut", "coffee", "chelsea"):
+        Image.fromarray(getattr(skdata, name)()).save(tmp_path / f"{name}.png")
+    names = ["astronaut", "coffee", "chelsea"]
+    kb = [{"id": f"p{i}", "text": r["text"], "image": f"{names[i // 4 % 3]}.png"} for i, r in enumerate(make_kb(16))]
+    for cache, out in ((True, "cached"), (False, "uncached")):
+        encode.encode_knowledge_base(model, processor, kb, tmp_path / out, batch_size=3, shard_size=8, progress=False,
+                                     image_root=str(tmp_path), cache_images=cache)  # fmt: skip
+    cached, _, cached_manifest = read_dir(tmp_path / "cached")
+    uncached, _, uncached_manifest = read_dir(tmp_path / "uncached")
+    assert cached.keys() == uncached.keys() and cached_manifest == uncached_manifest
+    for name in cached:
+        assert torch.equal(cached[name]["embeddings"], uncached[name]["embeddings"]), name

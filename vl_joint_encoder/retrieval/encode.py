@@ -30,7 +30,15 @@ from transformers.utils import logging
 
 from ..data.feature_stores import open_feature_store
 from ..data.inputs import JointEncoderInputBuilder
-from ..data.references import MISSING, NONE, STORE_KEY, check_image_references, classify
+from ..data.references import (
+    IMAGE_FILE,
+    MISSING,
+    NONE,
+    STORE_KEY,
+    check_image_references,
+    classify,
+    resolve_visual,
+)
 from ..data.tables import ColumnMapping, read_knowledge_base
 from ..utils.io import read_json, write_json
 from .embed import AUTOCAST_DTYPES, STORAGE_DTYPES, check_max_length, forward_batch, model_fingerprint, prefetch
@@ -120,6 +128,7 @@ def encode_knowledge_base(
     image_root: str | None = None,
     require_feature_store_match: bool = False,
     prefetch_batches: int = 4,
+    cache_images: bool = True,
 ) -> dict | None:
     """
     Encode `kb` (rows `id`, `text`, optional `image`) with `model` (a JointEncoderModel, or any module with
@@ -132,6 +141,9 @@ def encode_knowledge_base(
 
     `output_dir` must be new, empty, or an encoding of this job (resumed): a folder written by another tool is
     refused, never written into.
+
+    `cache_images`: an image file shared by several passages of a shard (an article's image) is decoded once per
+    shard; the same decoded image goes to the processor, so the shards are the same bits as with `False`.
 
     `state`: an `accelerate.PartialState` when launched with several processes (each encodes shards rank, rank +
     world, ...; rank 0 writes the manifest). Returns the manifest on the main process, None on the others.
@@ -213,10 +225,13 @@ def encode_knowledge_base(
             kb_sha = rows_fingerprint(rows, fingerprint_store, image_root)
             features_sha = features_fingerprint(rows, fingerprint_store)
             order = _length_order(rows.texts) if sort_by_length else list(range(len(rows.texts)))
+            decoded: dict = {}  # this shard's decoded image files, by reference
             for start in range(0, len(order), batch_size):
                 picked = order[start : start + batch_size]
                 texts = [rows.texts[i] for i in picked]
                 images = None if rows.images is None else [rows.images[i] for i in picked]
+                if images is not None and cache_images:
+                    images = [_decoded_image(image, decoded, store, image_root) for image in images]
                 yield "batch", build(texts, images)
             positions = torch.tensor([rows.start + i for i in order], dtype=torch.int64)
             yield "shard", (shard, positions, kb_sha, features_sha)
@@ -247,6 +262,20 @@ def encode_knowledge_base(
     if not is_main:
         return None
     return _finalize(output_dir, plan, kb.passage_ids(), model, model_name, n_shards, store_path, n_store_keys)
+
+
+def _decoded_image(image: Any, decoded: dict, store: Any, image_root: str | None) -> Any:
+    """The decoded PIL image of a file reference (decoded once per shard, `decoded` keyed by reference); any other
+    reference (store key, feature file, bytes, arrays, None) is returned as is, for the batch builder."""
+    key = image if isinstance(image, str) else _cell_path(image)
+    if key is None:
+        return image
+    if key not in decoded:
+        if classify(image, store, image_root) == IMAGE_FILE:
+            decoded[key] = resolve_visual(image, store, image_root)[1]
+        else:
+            decoded[key] = None
+    return decoded[key] if decoded[key] is not None else image
 
 
 def _length_order(texts: list[str]) -> list[int]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..data.feature_stores import FeatureStore, feature_store_fingerprint
 from ..data.references import is_image_cell, reference_key, resolved_path
-from ..data.tables import KnowledgeBase
+from ..data.tables import KnowledgeBase, passage_texts
 
 
 # rows converted to Python at once by the full passes (image check): bounded memory, large enough for Arrow
@@ -40,9 +40,8 @@ class PassageRange:
 
 class KBReader:
     """
-    Reads a `KnowledgeBase` by contiguous row ranges (Arrow slices). Texts are composed as
-    `KnowledgeBase.passages` composes them: `str(text)` ("" for null), `"{title}. {text}"` when a title column is
-    mapped and the title is non-empty (tests check both give the same texts).
+    Reads a `KnowledgeBase` by contiguous row ranges (Arrow slices). Texts are composed by `tables.passage_texts`,
+    the rule `KnowledgeBase.passages` uses too (tests check both give the same texts).
     """
 
     def __init__(self, kb: KnowledgeBase):
@@ -51,6 +50,12 @@ class KBReader:
         self.text_column = mapping.passage_text
         self.title_column = mapping.passage_title
         self.image_column = kb.image_column
+        # a KnowledgeBase subclass with its own passages (ViQuAE: article images joined, title modes) is read
+        # through them, range by range
+        self.custom = type(kb).passages is not KnowledgeBase.passages
+        if self.custom:
+            self.has_images = self.image_column is not None and kb.images() is not None
+            return
         self.arrow = kb.table.with_format("arrow")  # [start:stop] -> pyarrow.Table slice (zero copy)
         self.has_images = self.image_column is not None and not self._all_null(self.image_column)
 
@@ -68,13 +73,15 @@ class KBReader:
 
     def read(self, start: int, stop: int, with_texts: bool = True) -> PassageRange:
         stop = min(stop, len(self))
+        if self.custom:
+            texts, images = self.kb.passages(range(start, stop))
+            return PassageRange(start, stop, [self.kb.id_of(row) for row in range(start, stop)], list(texts),
+                                list(images) if self.has_images else None)  # fmt: skip
         table = self.arrow[start:stop]
         texts: list[str] = []
         if with_texts:
-            texts = ["" if t is None else str(t) for t in table.column(self.text_column).to_pylist()]
-            if self.title_column is not None:
-                titles = table.column(self.title_column).to_pylist()
-                texts = [f"{head}. {text}" if head else text for head, text in zip(titles, texts)]
+            titles = table.column(self.title_column).to_pylist() if self.title_column is not None else None
+            texts = passage_texts(table.column(self.text_column).to_pylist(), titles)
         images = table.column(self.image_column).to_pylist() if self.has_images else None
         if self.kb.ids is not None:
             ids = self.kb.ids[start:stop]

@@ -10,8 +10,9 @@ from typing import Any
 
 from transformers.utils import logging
 
+from ..data.tables import column_values
 from .features import GlobalVectorStore
-from .loading import ViquaeKnowledgeBase, check_images, column_values, load_articles, read_viquae_kb
+from .loading import ViquaeKnowledgeBase, check_images, load_articles, read_viquae_kb
 
 
 logger = logging.get_logger(__name__)

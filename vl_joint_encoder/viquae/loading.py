@@ -27,7 +27,7 @@ import numpy as np
 from transformers.utils import logging
 
 from ..data.references import resolved_path
-from ..data.tables import ColumnMapping, KnowledgeBase, empty_text_rows, few
+from ..data.tables import ColumnMapping, KnowledgeBase, column_values, empty_text_rows, few
 
 
 logger = logging.get_logger(__name__)
@@ -213,14 +213,6 @@ def raw_texts(passages, rows: Sequence[int]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ the join
-def column_values(table, name: str) -> list:
-    """A column of a `datasets.Dataset` as a Python list, read by Arrow in one go (``table[name]`` reads lazily,
-    tens of microseconds per cell)."""
-    if table._indices is not None:
-        table = table.flatten_indices()
-    return table.data.column(name).to_pylist()
-
-
 class JoinedColumn(Sequence):
     """A passage-level view of an article-level column: ``column[i] = values[article_of[i]]``, nothing copied."""
 
@@ -307,7 +299,7 @@ class ViquaeKnowledgeBase(KnowledgeBase):
 
     def texts(self) -> Sequence[str]:
         if self.title_mode == "keep":
-            return self.table["passage"]
+            return column_values(self.table, "passage")
         return self._model_texts(self.raw_texts(range(len(self))), range(len(self)))
 
     # --- ViQuAE
@@ -472,7 +464,6 @@ __all__ = [
     "JoinedColumn",
     "ViquaeKnowledgeBase",
     "check_images",
-    "column_values",
     "image_root",
     "is_hub_id",
     "load_articles",
