@@ -45,7 +45,7 @@ TRAIN_STEPS = ["--max-steps", "4", "--save-strategy", "steps", "--save-steps", "
 ADAPTATIONS = {
     "demo": "the session's demo run, at test size",
     "accelerate launch": "one in-process run on the CPU",
-    "train": " ".join(TRAIN_STEPS),
+    "train": " ".join(TRAIN_STEPS) + " (a resumed run: --max-steps 6)",
     "examples/viquae/run.sh": "VIQUAE_MAX_STEPS=4 (4 training steps)",
 }
 
@@ -249,6 +249,8 @@ def adapt(command: str) -> list[str] | None:
         return None
     if argv[0] == "train":
         argv += TRAIN_STEPS
+        if "--resume-from-checkpoint" in argv:  # a resumed run goes further than the one it resumes (else: refused)
+            argv[argv.index("--max-steps") + 1] = "6"
     return argv
 
 
