@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from conversion.key_map import ConversionError, choose_visual_norm_layout
+from conversion.key_map import ConversionError, adapter_and_downsample_kwargs, choose_visual_norm_layout
 from vl_joint_encoder import JointEncoderConfig
 
 
@@ -75,13 +75,10 @@ def infer_bart_config(
         use_vis_layer_norm=layout != "none",
         individual_vis_layer_norm=layout != "after-sum",
     )
+    adapter_key = None
     if adapter_task is not None:
-        rows = state[f"{ENCODER}layers.0.attn_adapter.adapters.{adapter_task}.down_sampler.weight"].shape[0]
-        if d_model % rows:
-            raise ConversionError(f"adapters of size {rows} do not divide d_model {d_model}: not a reduction factor")
-        kwargs["adapter_reduction_factor"] = d_model // rows
-    if downsample:
-        kwargs["visual_downsample_size"] = 6  # VL-Adapter --downsample with --n_boxes 36: 7x7 CLIP grid -> 6x6
+        adapter_key = f"{ENCODER}layers.0.attn_adapter.adapters.{adapter_task}.down_sampler.weight"
+    kwargs.update(adapter_and_downsample_kwargs(state, adapter_key, d_model, downsample))
     return JointEncoderConfig(**kwargs, **extra), layout
 
 

@@ -50,6 +50,7 @@ from conversion.key_map import (  # noqa: E402
     VISUAL_NORM_LAYOUTS,
     ConversionError,
     KeyMapping,
+    adapter_and_downsample_kwargs,
     adapters_are_shared,
     check_mapping,
     check_source_matches,
@@ -250,13 +251,10 @@ def infer_config(
         use_vis_layer_norm=layout != "none",
         individual_vis_layer_norm=layout != "after-sum",
     )
+    adapter_key = None
     if adapter_task is not None:
-        rows = state[f"encoder.block.0.layer.0.attn_adapter.adapters.{adapter_task}.down_sampler.weight"].shape[0]
-        if d_model % rows:
-            raise ConversionError(f"adapters of size {rows} do not divide d_model {d_model}: not a reduction factor")
-        kwargs["adapter_reduction_factor"] = d_model // rows
-    if downsample:
-        kwargs["visual_downsample_size"] = 6  # VL-Adapter --downsample: 7x7 CLIP grid -> 6x6
+        adapter_key = f"encoder.block.0.layer.0.attn_adapter.adapters.{adapter_task}.down_sampler.weight"
+    kwargs.update(adapter_and_downsample_kwargs(state, adapter_key, d_model, downsample))
     return JointEncoderConfig(**kwargs, **head_kwargs)
 
 

@@ -430,6 +430,21 @@ def unused_visual_norm_prefixes(layout: str | None, encoder_prefix: str) -> tupl
     return tuple(encoder_prefix + name for other, names in VISUAL_NORM_KEYS.items() if other != layout for name in names)
 
 
+def adapter_and_downsample_kwargs(state, adapter_key: str | None, d_model: int, downsample: bool) -> dict:
+    """Config fields of the VL-Adapter options, for T5 and BART checkpoints alike: `adapter_reduction_factor` from the
+    down-projection `adapter_key` (d_model / its rows), and the 7x7 -> 6x6 CLIP-grid downsampling (VL-Adapter's
+    --downsample with --n_boxes 36)."""
+    kwargs = {}
+    if adapter_key is not None:
+        rows = state[adapter_key].shape[0]
+        if d_model % rows:
+            raise ConversionError(f"adapters of size {rows} do not divide d_model {d_model}: not a reduction factor")
+        kwargs["adapter_reduction_factor"] = d_model // rows
+    if downsample:
+        kwargs["visual_downsample_size"] = 6
+    return kwargs
+
+
 def choose_visual_norm_layout(keys, requested: str | None, encoder_prefix: str) -> str:
     """The layout read off the keys; a file with both (an older code version, cf. VL-T5 issue #25) needs it given."""
     found = visual_norm_layouts(keys, encoder_prefix)
