@@ -435,13 +435,6 @@ class KnowledgeBase:
             return None
         return column_values(self.table, self.image_column)
 
-    def texts(self) -> Sequence[str]:
-        """Every passage's text (title prefixed), in row order."""
-        column = self.mapping.passage_text
-        if self.mapping.passage_title is None and self.table.data.column(column).null_count == 0:
-            return column_values(self.table, column)
-        return self.passages(range(len(self)))[0]  # titles joined, null texts (of image passages) as ""
-
 
 def read_knowledge_base(
     source: Any, mapping: ColumnMapping | None = None, name: str = "the KB", check_texts: bool = True

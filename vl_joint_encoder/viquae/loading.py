@@ -297,11 +297,6 @@ class ViquaeKnowledgeBase(KnowledgeBase):
             images = [self.article_images[a] for a in self.article_of[rows].tolist()]
         return texts, images
 
-    def texts(self) -> Sequence[str]:
-        if self.title_mode == "keep":
-            return column_values(self.table, "passage")
-        return self._model_texts(self.raw_texts(range(len(self))), range(len(self)))
-
     # --- ViQuAE
     def raw_texts(self, rows: Sequence[int]) -> list[str]:
         """The passages as stored ("<title> [SEP] <text>"): what BM25 indexes and answer matching reads."""
