@@ -253,7 +253,11 @@ def choose_adapter_task(state: Mapping[str, torch.Tensor], requested: str | None
     The task whose encoder adapters are kept. None when there are no adapters. With several tasks `requested` must
     name one, unless all tasks hold identical tensors (`use_single_adapter`: one module registered under every name).
     """
-    tasks = adapter_tasks(state)
+    return _choose_task(adapter_tasks(state), requested, lambda: adapters_are_shared(state, ADAPTER_KEY))
+
+
+def _choose_task(tasks: list[str], requested: str | None, shared) -> str | None:
+    """The adapter-task choice of both layouts; `shared()` tells whether all tasks hold the same adapters."""
     if not tasks:
         if requested is not None:
             raise ConversionError(f"--adapter-task {requested!r} given but the checkpoint has no encoder adapters")
@@ -262,17 +266,7 @@ def choose_adapter_task(state: Mapping[str, torch.Tensor], requested: str | None
         if requested not in tasks:
             raise ConversionError(f"unknown adapter task {requested!r}: the checkpoint has adapters for {tasks}")
         return requested
-    if len(tasks) == 1:
-        return tasks[0]
-    first = {
-        m.group(1, 2, 3, 5): v for k, v in state.items() if (m := ADAPTER_KEY.match(k)) and m.group(4) == tasks[0]
-    }
-    shared = all(
-        (key := m.group(1, 2, 3, 5)) in first and torch.equal(first[key], value)
-        for k, value in state.items()
-        if (m := ADAPTER_KEY.match(k))
-    )
-    if shared:
+    if len(tasks) == 1 or shared():
         return tasks[0]
     raise ConversionError(f"the checkpoint has separate adapters for tasks {tasks}: choose one with --adapter-task")
 
@@ -399,18 +393,7 @@ def adapters_are_shared(state: Mapping[str, torch.Tensor], pattern: re.Pattern =
 
 def choose_bart_adapter_task(state: Mapping[str, torch.Tensor], requested: str | None) -> str | None:
     """As `choose_adapter_task`, for VL-Adapter-BART's key layout."""
-    tasks = bart_adapter_tasks(state)
-    if not tasks:
-        if requested is not None:
-            raise ConversionError(f"--adapter-task {requested!r} given but the checkpoint has no encoder adapters")
-        return None
-    if requested is not None:
-        if requested not in tasks:
-            raise ConversionError(f"unknown adapter task {requested!r}: the checkpoint has adapters for {tasks}")
-        return requested
-    if len(tasks) == 1 or adapters_are_shared(state):
-        return tasks[0]
-    raise ConversionError(f"the checkpoint has separate adapters for tasks {tasks}: choose one with --adapter-task")
+    return _choose_task(bart_adapter_tasks(state), requested, lambda: adapters_are_shared(state))
 
 
 def visual_norm_layouts(keys, encoder_prefix: str) -> list[str]:
