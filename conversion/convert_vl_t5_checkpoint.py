@@ -611,6 +611,17 @@ def _head_kwargs(pooling: str, projection_dim: int | None, similarity: str) -> d
     )
 
 
+def _load_mapped(config: JointEncoderConfig, mapping: KeyMapping, state: dict, seed: int):
+    """(model, fresh keys): `config`'s model with the checkpoint's kept tensors, every key accounted for
+    (`check_mapping`); the retrieval projection, which no checkpoint has, is initialised from `seed`."""
+    torch.manual_seed(seed)
+    model = JointEncoderModel(config).eval()
+    fresh = {k for k in model.state_dict() if k.startswith("projection.")}
+    check_mapping(mapping, state, {k: v for k, v in model.state_dict().items() if k not in fresh})
+    model.load_state_dict({ours: state[theirs] for ours, theirs in mapping.kept.items()}, strict=False)
+    return model, fresh
+
+
 def _convert_bart_family(
     source: str, state: dict, adapter_task, tokenizer, downsample, visual_norm_layout, num_heads,
     scale_embedding, share_vis_lang_layer_norm, task, text_prefix, head_kwargs, seed,
@@ -638,11 +649,7 @@ def _convert_bart_family(
         downsample=config.visual_downsample_size,
         pad_token_id=config.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = JointEncoderModel(config).eval()
-    fresh = {k for k in model.state_dict() if k.startswith("projection.")}
-    check_mapping(mapping, state, {k: v for k, v in model.state_dict().items() if k not in fresh})
-    model.load_state_dict({ours: state[theirs] for ours, theirs in mapping.kept.items()}, strict=False)
+    model, fresh = _load_mapped(config, mapping, state, seed)
     tok = _load_tokenizer(tokenizer, config.vocab_size, "bart") if tokenizer is not None else None
     return _Converted(model, mapping, hp, state, fresh, config.vocab_size, tokenizer=tok)
 
@@ -884,11 +891,7 @@ def convert(
             adapter_task=task_kept,
             downsample=config.visual_downsample_size,
         )
-        torch.manual_seed(seed)
-        model = JointEncoderModel(config).eval()
-        fresh = {k for k in model.state_dict() if k.startswith("projection.")}
-        check_mapping(mapping, state, {k: v for k, v in model.state_dict().items() if k not in fresh})
-        model.load_state_dict({ours: state[theirs] for ours, theirs in mapping.kept.items()}, strict=False)
+        model, fresh = _load_mapped(config, mapping, state, seed)
         # the functional reference reads the layout off the keys: drop the norm the chosen layout does not use
         unused = unused_visual_norm_prefixes(layout, "encoder.")
         original = {k: v for k, v in state.items() if not k.startswith(unused)} if unused else state
