@@ -2,6 +2,7 @@
 real encode against the model's forward-only throughput on the same batches.
 
     python benchmarks/bench_encode_kb.py kb-path --sizes 100000 1000000 --formats jsonl disk parquet
+    python benchmarks/bench_encode_kb.py kb-path --sizes 12000000 --formats parquet --dim 64 --workdir /big/disk
     python benchmarks/bench_encode_kb.py kb-path --sizes 100000 --images          # one image per article (~8 passages)
     python benchmarks/bench_encode_kb.py model --passages 2048 [--images]         # end to end / forward-only ratio
 
@@ -10,9 +11,16 @@ has one small JPEG (rows of an article share it). Loaded the way users load it: 
 `save_to_disk` folder, or a Parquet file (all via `vl-joint-encoder encode`'s own reader, `read_knowledge_base`).
 
 kb-path: `encode_knowledge_base` with a stub model (returns zeros, no compute) and, by default, a stub tokenizer (one
-token per passage), so the time is the KB path: reading and validating the table (`data.tables`), the image check,
-the per-shard fingerprints, the length sort, batching, image loading (--images) and writing shards. Reported: time
-per passage of each part, flat when it does not grow with the KB size, and peak resident memory.
+token per passage), so the time is the KB path: loading the table (`datasets`; a JSONL file is converted to Arrow on
+its first load and read from the cache after), reading and validating it (`data.tables`), the image check, the
+per-shard fingerprints, the length sort, batching, image loading (--images) and writing shards. Reported per size:
+time per passage of each part (flat when it does not grow with the KB size), seconds from the start of
+`encode_knowledge_base` (and from the start of loading) to the first batch handed to the model, and memory: the
+peak of anonymous memory (RssAnon: Python objects, Arrow buffers, numpy arrays; the memory-mapped Arrow file's
+pages are not in it) in each phase, above what the process held before it, and the process's peak RSS (which also
+counts mapped file pages that were read, released by the kernel on demand).
+`--ids rows` gives integer ids 0..n-1 (the row positions, as ViQuAE's passages) instead of strings "p{row}".
+`--dim 64` writes smaller embeddings (the 12M run: 768 float32 dims would be 37 GB of shards).
 model: a small T5-shaped JointEncoderModel (d_model 256, 4 layers, 8 heads, max 256 tokens), `encode_knowledge_base`
 end to end vs `model.encode` alone on the same (pre-built) batches.
 """
@@ -25,6 +33,7 @@ import os
 import resource
 import shutil
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -35,12 +44,12 @@ WORDS = ("the a of tower bridge river castle painter born city museum song king 
          "church village empire battle film album team river island school").split()  # fmt: skip
 
 
-def write_kb(folder: str, n: int, fmt: str, images: bool, seed: int = 0) -> str:
-    """A synthetic KB of `n` passages in `folder` as `fmt` (jsonl | disk | parquet); returns its path."""
+def write_kb(folder: str, n: int, fmt: str, images: bool, seed: int = 0, ids: str = "string") -> str:
+    """A synthetic KB of `n` passages in `folder` as `fmt` (jsonl | disk | parquet); returns its path. Ids are
+    "p{row}" (`ids="string"`) or the integers 0..n-1 (`ids="rows"`)."""
     import datasets
 
     rng = np.random.default_rng(seed)
-    words = np.array(WORDS)
     image_dir = os.path.join(folder, "images")
     if images:
         from PIL import Image
@@ -50,28 +59,32 @@ def write_kb(folder: str, n: int, fmt: str, images: bool, seed: int = 0) -> str:
         for article in range((n + 7) // 8):
             Image.fromarray(np.roll(pixels, article, axis=0)).save(os.path.join(image_dir, f"{article}.jpg"))
     jsonl = os.path.join(folder, "kb.jsonl")
-    with open(jsonl, "w") as f:
+    word = WORDS.__getitem__
+    with open(jsonl, "w") as f:  # the words are plain ASCII: JSON lines written without an escaping pass
         for start in range(0, n, 10_000):
             count = min(10_000, n - start)
-            lengths = rng.integers(80, 121, count)
-            block = rng.integers(0, len(words), (count, 120))
+            lengths = rng.integers(80, 121, count).tolist()
+            block = rng.integers(0, len(WORDS), (count, 120)).tolist()
+            lines = []
             for i in range(count):
                 row = start + i
-                record = {"id": f"p{row}", "title": f"Article {row // 8}",
-                          "text": " ".join(words[block[i, : lengths[i]]])}  # fmt: skip
-                if images:
-                    record["image"] = f"images/{row // 8}.jpg"
-                f.write(json.dumps(record) + "\n")
+                passage_id = f'"p{row}"' if ids == "string" else str(row)
+                image = f', "image": "images/{row // 8}.jpg"' if images else ""
+                text = " ".join(map(word, block[i][: lengths[i]]))
+                lines.append(f'{{"id": {passage_id}, "title": "Article {row // 8}", "text": "{text}"{image}}}\n')
+            f.writelines(lines)
     if fmt == "jsonl":
         return jsonl
-    table = datasets.load_dataset("json", data_files=jsonl, split="train")
+    table = datasets.load_dataset("json", data_files=jsonl, split="train", cache_dir=os.path.join(folder, "cache"))
     if fmt == "disk":
         path = os.path.join(folder, "kb_disk")
         table.save_to_disk(path)
     else:
         path = os.path.join(folder, "kb.parquet")
         table.to_parquet(path)
+    del table
     os.remove(jsonl)
+    shutil.rmtree(os.path.join(folder, "cache"), ignore_errors=True)
     return path
 
 
@@ -84,7 +97,11 @@ class StubModel(torch.nn.Module):
         self.config = type("Config", (), {"similarity": "dot", "embedding_dim": dim, "normalize": False,
                                           "feat_dim": None, "_name_or_path": "stub"})()  # fmt: skip
 
+    first_call: float | None = None
+
     def encode(self, normalize=None, **batch):
+        if self.first_call is None:
+            self.first_call = time.perf_counter()
         return torch.zeros(batch["input_ids"].shape[0], self.config.embedding_dim)
 
 
@@ -107,37 +124,92 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def anon_mb() -> float:
+    """Anonymous resident memory of this process (MB): heap, Arrow and numpy buffers; not mapped file pages."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class AnonPeak:
+    """Peak anonymous memory during a `with` block, above the level at its start (sampled every 10 ms)."""
+
+    def __enter__(self):
+        self.base = self.peak = anon_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, anon_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, anon_mb())
+        self.above_start_mb = round(self.peak - self.base)
+
+
 def kb_path(args) -> list[dict]:
-    from vl_joint_encoder.data.tables import read_knowledge_base
+    from vl_joint_encoder.data.tables import load_table, read_knowledge_base
     from vl_joint_encoder.retrieval.encode import encode_knowledge_base, kb_columns
 
     rows = []
     for n in args.sizes:
         for fmt in args.formats:
             folder = tempfile.mkdtemp(prefix="bench-kb-", dir=args.workdir)
+            os.environ["HF_DATASETS_CACHE"] = os.path.join(folder, "datasets-cache")  # a cold first load
             try:
                 t0 = time.perf_counter()
-                path = write_kb(folder, n, fmt, args.images)
+                path = write_kb(folder, n, fmt, args.images, ids=args.ids)
                 t_write = time.perf_counter() - t0
+                import datasets
+
+                datasets.config.HF_DATASETS_CACHE = os.environ["HF_DATASETS_CACHE"]
+                start = time.perf_counter()
+                with AnonPeak() as load_memory:  # what encode does first (data.tables)
+                    table = load_table(path, "the KB")
+                t_load = time.perf_counter() - start
+                t_reload = None
+                if fmt != "disk":  # JSON / Parquet -> Arrow conversion happens once; later runs read datasets' cache
+                    del table
+                    t0 = time.perf_counter()
+                    table = load_table(path, "the KB")
+                    t_reload = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                kb = read_knowledge_base(path, kb_columns())  # what encode does first (data.tables)
-                t_read = time.perf_counter() - t0
+                with AnonPeak() as validate_memory:
+                    kb = read_knowledge_base(table, kb_columns())
+                t_validate = time.perf_counter() - t0
                 processor = StubTokenizer() if not args.real_tokenizer else _tokenizer()
+                model = StubModel(args.dim)
                 t0 = time.perf_counter()
-                encode_knowledge_base(StubModel(), processor, kb, os.path.join(folder, "out"), batch_size=64,
-                                      shard_size=10_000, max_length=256, progress=False,
-                                      image_root=folder if args.images else None,
-                                      cache_images=not args.no_image_cache)  # fmt: skip
+                with AnonPeak() as encode_memory:
+                    encode_knowledge_base(model, processor, kb, os.path.join(folder, "out"), batch_size=64,
+                                          shard_size=10_000, max_length=256, progress=args.progress,
+                                          image_root=folder if args.images else None,
+                                          cache_images=not args.no_image_cache)  # fmt: skip
                 t_encode = time.perf_counter() - t0
-                row = {"passages": n, "format": fmt, "images": args.images, "image_cache": not args.no_image_cache,
+                row = {"passages": n, "format": fmt, "ids": args.ids, "dim": args.dim, "images": args.images,
+                       "image_cache": not args.no_image_cache,
                        "tokenizer": "real" if args.real_tokenizer else "stub",
-                       "read_and_validate_us_per_passage": round(t_read / n * 1e6, 2),
+                       "load_s": round(t_load, 1), "reload_s": None if t_reload is None else round(t_reload, 1),
+                       "validate_us_per_passage": round(t_validate / n * 1e6, 2),
                        "encode_kb_path_us_per_passage": round(t_encode / n * 1e6, 2),
-                       "total_s": round(t_read + t_encode, 1), "write_kb_s": round(t_write, 1),
+                       "first_batch_after_encode_start_s": round(model.first_call - t0, 2),
+                       "first_batch_after_load_start_s": round(t_load + t_validate + model.first_call - t0, 1),
+                       "first_batch_after_cached_load_s": None if t_reload is None
+                       else round(t_reload + t_validate + model.first_call - t0, 1),
+                       "total_s": round(t_load + t_validate + t_encode, 1), "write_kb_s": round(t_write, 1),
+                       "anon_MB_load": load_memory.above_start_mb, "anon_MB_validate": validate_memory.above_start_mb,
+                       "anon_MB_encode": encode_memory.above_start_mb, "anon_MB_after": round(anon_mb()),
                        "peak_rss_MB": round(peak_rss_mb())}  # fmt: skip
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-                del kb
+                del kb, table
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
     return rows
@@ -204,6 +276,9 @@ def main() -> None:
     kb.add_argument("--images", action="store_true", help="one JPEG per article (8 passages)")
     kb.add_argument("--no_image_cache", action="store_true", help="decode every passage's image (no shard cache)")
     kb.add_argument("--real_tokenizer", action="store_true", help="tokenise for real (a small trained tokenizer)")
+    kb.add_argument("--ids", choices=["string", "rows"], default="string", help="ids p0.. (string) or 0..n-1 (rows)")
+    kb.add_argument("--dim", type=int, default=768, help="embedding size the stub returns (what the shards hold)")
+    kb.add_argument("--progress", action="store_true", help="show encode's progress bars")
     model = sub.add_parser("model", help="end to end vs forward only, small model on CPU")
     model.add_argument("--passages", type=int, default=2048)
     model.add_argument("--batch_size", type=int, default=64)

@@ -22,8 +22,10 @@ from .feature_stores import open_feature_store
 from .references import reference_counts
 from .tables import (
     ColumnMapping,
+    column_values,
     empty_text_rows,
     id_list,
+    iter_values,
     load_table,
     read_knowledge_base,
     training_data_problems,
@@ -92,16 +94,17 @@ def data_report(
     except ValueError:
         knowledge_base = None  # its problems are in the refusals
     has = queries.column_names
-    positives = [id_list(v) for v in queries[mapping.positive_ids]] if mapping.positive_ids in has else None
+    positives = [id_list(v) for v in column_values(queries, mapping.positive_ids)] if mapping.positive_ids in has else None
     has_negatives = mapping.negative_ids is not None and mapping.negative_ids in has
-    negatives = [id_list(v) for v in queries[mapping.negative_ids]] if has_negatives else None
+    negatives = [id_list(v) for v in column_values(queries, mapping.negative_ids)] if has_negatives else None
     missing_ids = None
     if knowledge_base is not None and positives is not None:
-        missing_ids = [v for ids in positives + (negatives or []) for v in ids if knowledge_base.row_of(v) is None]
+        values = [v for ids in positives + (negatives or []) for v in ids]
+        missing_ids = [v for v, row in zip(values, knowledge_base.rows_of(values)) if row < 0]
     has_query_images = mapping.query_image is not None and mapping.query_image in has
-    images = reference_counts(queries[mapping.query_image] if has_query_images else [], feature_store, image_root)
+    images = reference_counts(column_values(queries, mapping.query_image) if has_query_images else [], feature_store, image_root)
     kb_image_column = mapping.passage_image if mapping.passage_image in kb.column_names else None
-    kb_images = reference_counts(kb[kb_image_column] if kb_image_column else [], feature_store, image_root)
+    kb_images = reference_counts(iter_values(kb, kb_image_column) if kb_image_column else [], feature_store, image_root)
     for what, counts in (("queries", images), ("KB passages", kb_images)):
         if counts["missing"]:
             refusals.append(
@@ -123,7 +126,7 @@ def data_report(
             "ids_missing_from_kb": len(missing_ids) if missing_ids is not None else None,
             "example_missing_ids": [str(v) for v in (missing_ids or [])[:5]],
             "images": dict(images),
-            "text": text_report(queries[mapping.question], tokenizer, query_max_length)
+            "text": text_report(column_values(queries, mapping.question), tokenizer, query_max_length)
             if mapping.question in has else None,
         },
         "kb": {
@@ -131,7 +134,7 @@ def data_report(
             "sampled_for_tokens": len(sample),
             "empty_texts": len(empty_text_rows(kb, mapping.passage_text)) if has_text else None,
             "images": dict(kb_images),
-            "text": text_report(sample[mapping.passage_text], tokenizer, passage_max_length) if has_text else None,
+            "text": text_report(column_values(sample, mapping.passage_text), tokenizer, passage_max_length) if has_text else None,
         },
     }
 

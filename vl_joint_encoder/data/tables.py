@@ -28,7 +28,7 @@ is what `data-report` reports.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -308,9 +308,15 @@ def column_values(table, column: str) -> list:
     each item read rebuilds a table over every record batch (18 us to 21 ms a row, by the file's layout), so a row by
     row pass over the 11.9M-passage ViQuAE KB would take hours; Arrow reads it at once (0.1 us a row). Image cells
     come back as stored ({"bytes", "path"}), as `undecoded_images` leaves them."""
-    if table._indices is not None:  # a select()ed / shuffled view
-        table = table.flatten_indices()
-    return table.data.column(column).to_pylist()
+    return arrow_column(table, column).to_pylist()
+
+
+def iter_values(table, column: str, rows: int = 65_536) -> Iterator[Any]:
+    """The values of `column`, streamed: converted to Python `rows` at a time (one Arrow slice each), so a pass over
+    a large KB holds one slice of Python objects at once."""
+    values = arrow_column(table, column)
+    for start in range(0, len(values), rows):
+        yield from values.slice(start, rows).to_pylist()
 
 
 def passage_texts(texts: Sequence[Any], titles: Sequence[Any] | None = None) -> list[str]:
@@ -331,61 +337,109 @@ def id_list(value: Any) -> list:
     return list(value)
 
 
-def check_ids(values: Sequence, column: str, name: str, what: str, fix: str) -> tuple[list[str], list[str]]:
-    """
-    (`values` as strings, problems): the one id check of queries and KB passages. Refused: null ids (a null id must
-    never become the string "None"), empty ones, ids that are neither strings nor integers (a float column, e.g. a
-    CSV id column with empty cells), and duplicates (they would silently merge two rows downstream).
-    """
-    problems = []
-    nulls = [row for row, value in enumerate(values) if value is None or (isinstance(value, str) and not value.strip())]
-    if nulls:
-        problems.append(
-            f"{name}: {len(nulls)} null or empty id(s) in column {column!r} (rows {few(nulls)}): every row needs an id"
-        )
-    odd = [(row, value) for row, value in enumerate(values)
-           if value is not None and not isinstance(value, (str, int, np.integer)) or isinstance(value, bool)]  # fmt: skip
-    if odd:
-        row, value = odd[0]
-        problems.append(
-            f"{name}: {len(odd)} id(s) in column {column!r} are neither strings nor integers (row {row}: "
-            f"{value!r} of type {type(value).__name__}): give ids as strings or integers (a CSV column with empty "
-            f"cells is read as floats)"
-        )
-    ids = [str(value) for value in values]
-    seen: set[str] = set()
-    duplicates = sorted({i for i, value in zip(ids, values) if value is not None and (i in seen or seen.add(i))})
-    if duplicates:
-        problems.append(
-            f"{name}: {len(duplicates)} duplicate {what} ids, e.g. {few(duplicates)} (column {column!r}): {fix}"
-        )
-    return ids, problems
+def arrow_column(dataset, column: str):
+    """`column` of a `datasets.Dataset` as a `pyarrow.ChunkedArray`, without a Python object per row: zero copy from
+    the (memory-mapped) table, or one Arrow `take` for a select()ed / shuffled view."""
+    if dataset._indices is not None:
+        return dataset.with_format("arrow")[column]
+    return dataset.data.column(column)
 
 
-def empty_text_rows(dataset, column: str) -> np.ndarray:
-    """Rows whose text is null or only whitespace, computed by Arrow over the (memory-mapped) column."""
+def check_ids(values, column: str, name: str, what: str, fix: str):
+    """
+    (`values` as an Arrow string column, problems): the one id check of queries and KB passages, columnar (Arrow
+    compute over a `pyarrow` array: no Python object per row, 0.3 us a row for the duplicate count at 12M rows).
+    Refused: null ids (a null id must never become the string "None"), empty ones, ids that are neither strings nor
+    integers (a float column, e.g. a CSV id column with empty cells), and duplicates (they would silently merge two
+    rows downstream).
+    """
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    values = dataset.with_format("arrow")[column] if dataset._indices is not None else dataset.data.column(column)
+    if isinstance(values, pa.Array):
+        values = pa.chunked_array([values])
+    if pa.types.is_dictionary(values.type):
+        values = pc.cast(values, values.type.value_type)
+    problems, kind = [], values.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        strings = values
+    elif pa.types.is_integer(kind) or pa.types.is_null(kind):
+        strings = pc.cast(values, pa.string())
+    else:
+        row = int(pc.index(pc.is_valid(values), True).as_py())
+        value = values[row].as_py()
+        problems.append(
+            f"{name}: {len(values) - values.null_count} id(s) in column {column!r} are neither strings nor integers "
+            f"(row {row}: {value!r} of type {type(value).__name__}): give ids as strings or integers (a CSV column "
+            f"with empty cells is read as floats)"
+        )
+        try:
+            strings = pc.cast(values, pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            strings = pa.chunked_array([pa.nulls(len(values), pa.string())])
+    blank = pc.fill_null(pc.or_(pc.equal(pc.utf8_length(strings), 0), pc.utf8_is_space(strings)), True)
+    nulls = np.flatnonzero(blank.to_numpy(zero_copy_only=False))
+    if len(nulls):
+        problems.append(
+            f"{name}: {len(nulls)} null or empty id(s) in column {column!r} (rows {few(nulls.tolist())}): every row "
+            f"needs an id"
+        )
+    counts = pc.value_counts(strings)  # a transient Arrow hash table (~40 bytes an id), released right after
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1)).drop_null()
+    del counts
+    pa.default_memory_pool().release_unused()  # give the hash table's pages back (the allocator would keep them)
+    if len(repeated):
+        duplicates = sorted(repeated.to_pylist())
+        problems.append(
+            f"{name}: {len(duplicates)} duplicate {what} ids, e.g. {few(duplicates)} (column {column!r}): {fix}"
+        )
+    return strings, problems
+
+
+def is_row_positions(values) -> bool:
+    """True when an Arrow id column holds the integers 0..n-1 in order (ids are then the row positions), checked
+    record batch by record batch (zero-copy numpy views)."""
+    import pyarrow as pa
+
+    if not pa.types.is_integer(values.type) or values.null_count:
+        return False
+    start = 0
+    for chunk in values.chunks:
+        if not np.array_equal(chunk.to_numpy(), np.arange(start, start + len(chunk))):
+            return False
+        start += len(chunk)
+    return True
+
+
+def empty_text_rows(dataset, column: str) -> np.ndarray:
+    """Rows whose text is null, empty or only whitespace, computed by Arrow over the (memory-mapped) column without
+    copying it (a length and a whitespace test per row)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = arrow_column(dataset, column)
     if not pa.types.is_string(values.type) and not pa.types.is_large_string(values.type):
         values = pc.cast(values, pa.string())
-    empty = pc.or_kleene(pc.is_null(values), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0))
+    empty = pc.or_kleene(pc.is_null(values), pc.or_(pc.equal(pc.utf8_length(values), 0), pc.utf8_is_space(values)))
     return np.flatnonzero(pc.fill_null(empty, True).to_numpy(zero_copy_only=False))
 
 
 # ------------------------------------------------------------------------------------------------ the KB
 class KnowledgeBase:
     """
-    A validated KB: `len(kb)` passages, `ids` (KB id of each row, or None when ids are the row positions),
-    `row_of(id)`, and `passages(rows)` -> (texts, image references) in one Arrow read. Built by `read_knowledge_base`.
+    A validated KB: `len(kb)` passages, `ids` (the KB id of each row as an Arrow string column, or None when ids are
+    the row positions), and `passages(rows)` -> (texts, image references) in one Arrow read. Built by
+    `read_knowledge_base`.
+
+    Nothing here holds a Python object per passage: ids stay in Arrow (zero copy from the memory-mapped table), and
+    looking ids up (`rows_of`) is one Arrow hash join per call, so call it once with every id to look up (2.6 s
+    against 12M ids here), not once per id.
     """
 
-    def __init__(self, table, mapping: ColumnMapping, ids: list[str] | None, index: dict[str, int] | None):
+    def __init__(self, table, mapping: ColumnMapping, ids=None):
         self.table = table
         self.mapping = mapping
         self.ids = ids
-        self.index = index
 
     def __len__(self) -> int:
         return len(self.table)
@@ -401,23 +455,52 @@ class KnowledgeBase:
         return self.image_column is not None
 
     def passage_ids(self) -> list[str]:
-        """The id of every passage, in row order (`str(row)` when ids are the row positions)."""
-        return self.ids if self.ids is not None else [str(row) for row in range(len(self))]
+        """The id of every passage, in row order (`str(row)` when ids are the row positions): one Python string per
+        passage, for small KBs; large ones are read by range (`ids_in`)."""
+        return self.ids_in(0, len(self))
+
+    def ids_in(self, start: int, stop: int) -> list[str]:
+        """The ids of rows `start`..`stop` (exclusive), one Arrow slice."""
+        stop = min(stop, len(self))
+        if self.ids is None:
+            return [str(row) for row in range(start, stop)]
+        return self.ids.slice(start, max(stop - start, 0)).to_pylist()
+
+    def ids_of(self, rows: Sequence[int]) -> list[str]:
+        """The ids of KB rows (one Arrow take)."""
+        if self.ids is None:
+            return [str(int(row)) for row in rows]
+        import pyarrow as pa
+
+        return self.ids.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
 
     def id_of(self, row: int) -> str:
-        return self.ids[row] if self.ids is not None else str(row)
+        return self.ids[int(row)].as_py() if self.ids is not None else str(int(row))
 
-    def row_of(self, value: Any) -> int | None:
-        """The row of KB id `value`, or None when it is not in the KB (a null id is in no KB)."""
-        if value is None:
-            return None
-        if self.index is None:
-            try:
-                row = int(value)
-            except (TypeError, ValueError):
-                return None
-            return row if 0 <= row < len(self) else None
-        return self.index.get(str(value))
+    def rows_of(self, values: Sequence[Any]) -> np.ndarray:
+        """
+        The KB row of each id in `values` (int64; -1 for an id not in the KB; a null id is in no KB). Ids compare as
+        strings (`5` finds the passage whose id is "5"); a KB identified by row positions takes the integers
+        0..len-1 (or their strings).
+        """
+        values = list(values)
+        rows = np.full(len(values), -1, dtype=np.int64)
+        if self.ids is None:
+            for i, value in enumerate(values):
+                try:
+                    row = int(value) if value is not None and not isinstance(value, bool) else -1
+                except (TypeError, ValueError):
+                    continue
+                rows[i] = row if 0 <= row < len(self) else -1
+            return rows
+        if not values:
+            return rows
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        needles = pa.array([None if value is None else str(value) for value in values], type=pa.string())
+        found = pc.index_in(needles, value_set=self.ids)
+        return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
     def passages(self, rows: Sequence[int]) -> tuple[list[str], list[Any]]:
         """Texts (title prefixed when a title column is mapped) and raw image references of KB rows."""
@@ -427,11 +510,17 @@ class KnowledgeBase:
         images = batch[self.image_column] if self.has_images else [None] * len(texts)
         return texts, images
 
-    def images(self) -> list[Any] | None:
-        """Every passage's image reference, or None when the KB has no image column (or only null cells)."""
+    def count_images(self) -> int:
+        """How many passages have an image reference (an Arrow null count, no read of the cells)."""
         if not self.has_images:
-            return None
-        if self.table.with_format("arrow")[self.image_column].null_count == len(self.table):
+            return 0
+        column = arrow_column(self.table, self.image_column)
+        return len(column) - column.null_count
+
+    def images(self) -> list[Any] | None:
+        """Every passage's image reference (one Python object per passage: for small KBs; `retrieval.kb_reader` reads
+        large ones by range), or None when the KB has no image column (or only null cells)."""
+        if self.count_images() == 0:
             return None
         return column_values(self.table, self.image_column)
 
@@ -455,33 +544,32 @@ def read_knowledge_base(
     require_columns(table, {"passage_text": mapping.passage_text, "passage_title": mapping.passage_title}, name)
     mapping.optional_column(table, "passage_image", name)
     check_column_types(table, [mapping.passage_id, mapping.passage_text, mapping.passage_title], name, source)
-    ids, index, problems = None, None, []
+    ids, problems = None, []
     column = mapping.passage_id
     if column is not None and column not in table.column_names:
         if not mapping.passage_id_fallback_to_row:
             require_columns(table, {"passage_id": column}, name)
         column = None
     if column is not None:
-        values = column_values(table, column)
-        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values) and np.array_equal(
-            np.asarray(values), np.arange(len(values))
-        ):
-            pass  # ids are the row positions: no index needed
-        else:
+        values = arrow_column(table, column)
+        if not is_row_positions(values):  # integer ids equal to the row positions need no column
             ids, problems = check_ids(
                 values, column, name, "passage", "every passage needs a unique id (deduplicate the KB, or map "
                 "passage_id=None to identify passages by row position)"
             )  # fmt: skip
-            index = {passage_id: row for row, passage_id in enumerate(ids)}
-    kb = KnowledgeBase(table, mapping, ids, index)
+    kb = KnowledgeBase(table, mapping, ids)
     empty_rows = empty_text_rows(table, mapping.passage_text) if check_texts else ()
     if len(empty_rows):
-        images = kb.images()
-        empty = [kb.id_of(int(r)) for r in empty_rows if images is None or images[int(r)] is None]
-        if empty:
+        if kb.count_images():  # an image-only passage may have an empty text
+            import pyarrow as pa
+
+            images = arrow_column(table, kb.image_column).take(pa.array(empty_rows))
+            empty_rows = empty_rows[images.is_null().to_numpy(zero_copy_only=False)]
+        if len(empty_rows):
             problems.append(
-                f"{len(empty)} passages of {name} have an empty text and no image (ids {few(empty)}): drop them "
-                f"or fill their text (column {mapping.passage_text!r})"
+                f"{len(empty_rows)} passages of {name} have an empty text and no image (ids "
+                f"{few(kb.ids_of(empty_rows[:5]))}{'' if len(empty_rows) <= 5 else ', ...'}): drop them or fill their "
+                f"text (column {mapping.passage_text!r})"
             )
     if problems:
         raise DataError(problems)
@@ -538,8 +626,9 @@ def read_queries(
     n, problems = len(table), []
     if mapping.query_id is not None:
         ids, problems = check_ids(
-            column_values(table, mapping.query_id), mapping.query_id, name, "query", "query ids must be unique"
+            arrow_column(table, mapping.query_id), mapping.query_id, name, "query", "query ids must be unique"
         )
+        ids = ids.to_pylist()
     else:
         ids = [str(row) for row in range(n)]
     questions = ["" if q is None else str(q) for q in column_values(table, mapping.question)]
@@ -578,10 +667,16 @@ def qrels_from_queries(queries: Queries, kb: KnowledgeBase) -> dict[str, dict[st
             f"KB ids"
         )
     qrels, missing = {}, []
+    found = kb.rows_of([value for positives in queries.positive_ids for value in positives])  # one lookup
+    names = iter(kb.ids_of(found[found >= 0]))
+    rows = iter(found.tolist())
     for query_id, positives in zip(queries.ids, queries.positive_ids):
-        rows = [kb.row_of(value) for value in positives]
-        missing += [(query_id, value) for value, row in zip(positives, rows) if row is None]
-        qrels[query_id] = {kb.id_of(row): 1 for row in rows if row is not None}
+        qrels[query_id] = {}
+        for value in positives:
+            if next(rows) < 0:
+                missing.append((query_id, value))
+            else:
+                qrels[query_id][next(names)] = 1
     if missing:
         raise ValueError(_missing_ids_message(missing, kb.mapping))
     return qrels
@@ -638,10 +733,6 @@ class PreparedData:
     stats: DataStats
 
     @property
-    def kb_ids(self) -> list[str] | None:
-        return self.kb.ids
-
-    @property
     def has_passage_images(self) -> bool:
         return self.kb.has_images
 
@@ -690,9 +781,11 @@ def prepare_training_data(
     n = len(queries)
     images = queries.images if queries.images is not None else [None] * n
     negatives = queries.negative_ids if queries.negative_ids is not None else [[] for _ in range(n)]
-    kb_images = kb.images()
     stats = DataStats(n_queries_in=n, n_passages=len(kb))
-    stats.n_passage_images = sum(image is not None for image in kb_images) if kb_images is not None else 0
+    stats.n_passage_images = kb.count_images()
+    # every positive and negative id looked up at once (one Arrow hash join), then consumed in query order
+    found = iter(kb.rows_of([v for row in range(n) for values in (queries.positive_ids[row], negatives[row])
+                             for v in values]).tolist())  # fmt: skip
     columns = {"query_id": [], "question": [], "image": [], "positive_rows": [], "negative_rows": [], "query_row": []}
     missing_ids, no_positive = [], []
     for row in range(n):
@@ -700,8 +793,8 @@ def prepare_training_data(
         pos_rows, neg_rows = [], []
         for values, rows in ((queries.positive_ids[row], pos_rows), (negatives[row], neg_rows)):
             for value in values:
-                r = kb.row_of(value)
-                (missing_ids.append((query_id, value)) if r is None else rows.append(r))
+                r = next(found)
+                (missing_ids.append((query_id, value)) if r < 0 else rows.append(r))
         if not pos_rows:
             no_positive.append(query_id)
             continue
@@ -800,8 +893,10 @@ __all__ = [
     "KnowledgeBase",
     "PreparedData",
     "Queries",
+    "arrow_column",
     "check_ids",
     "column_values",
+    "iter_values",
     "passage_texts",
     "json_lines_problem",
     "load_table",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ from ..utils.io import read_json, write_json
 from .embed import AUTOCAST_DTYPES, STORAGE_DTYPES, check_max_length, forward_batch, model_fingerprint, prefetch
 from .kb_reader import (
     FINGERPRINT_VERSION,
+    READ_ROWS,
     KBReader,
     PassageRange,
     combine_fingerprints,
@@ -63,6 +65,7 @@ from .store import (
     metadata_checksum,
     read_shard_metadata,
     shard_name,
+    write_ids,
     write_shard,
 )
 
@@ -261,7 +264,8 @@ def encode_knowledge_base(
         state.wait_for_everyone()
     if not is_main:
         return None
-    return _finalize(output_dir, plan, kb.passage_ids(), model, model_name, n_shards, store_path, n_store_keys)
+    ids = (kb.ids_in(start, start + READ_ROWS) for start in range(0, len(kb), READ_ROWS))  # streamed
+    return _finalize(output_dir, plan, ids, model, model_name, n_shards, store_path, n_store_keys)
 
 
 def _decoded_image(image: Any, decoded: dict, store: Any, image_root: str | None) -> Any:
@@ -416,7 +420,7 @@ def _verify_complete_shard(
 def _finalize(
     output_dir: str,
     plan: dict,
-    ids: list[str],
+    ids: Iterable[list[str]],
     model,
     model_name: str | None,
     n_shards: int,
@@ -443,8 +447,8 @@ def _finalize(
         kb_parts.append(metadata["kb_sha256"])
         feature_parts.append(metadata.get("features_sha256") or None)
     config = model.config
-    write_json(os.path.join(output_dir, IDS), ids, indent=1)
     ids_path = os.path.join(output_dir, IDS)
+    write_ids(ids_path, ids)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

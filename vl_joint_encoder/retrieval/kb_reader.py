@@ -19,7 +19,7 @@ import numpy as np
 
 from ..data.feature_stores import FeatureStore, feature_store_fingerprint
 from ..data.references import is_image_cell, reference_key, resolved_path
-from ..data.tables import KnowledgeBase, passage_texts
+from ..data.tables import KnowledgeBase, arrow_column, passage_texts
 
 
 # rows converted to Python at once by the full passes (image check): bounded memory, large enough for Arrow
@@ -63,19 +63,14 @@ class KBReader:
         return len(self.kb)
 
     def _all_null(self, column: str) -> bool:
-        if self.kb.table._indices is None:
-            chunked = self.kb.table.data.column(column)
-            return chunked.null_count == len(chunked)
-        return all(  # a selected / shuffled dataset: read through its indices, range by range
-            self.arrow[start : start + READ_ROWS].column(column).null_count == min(READ_ROWS, len(self) - start)
-            for start in range(0, len(self), READ_ROWS)
-        )
+        values = arrow_column(self.kb.table, column)
+        return values.null_count == len(values)
 
     def read(self, start: int, stop: int, with_texts: bool = True) -> PassageRange:
         stop = min(stop, len(self))
         if self.custom:
             texts, images = self.kb.passages(range(start, stop))
-            return PassageRange(start, stop, [self.kb.id_of(row) for row in range(start, stop)], list(texts),
+            return PassageRange(start, stop, self.kb.ids_in(start, stop), list(texts),
                                 list(images) if self.has_images else None)  # fmt: skip
         table = self.arrow[start:stop]
         texts: list[str] = []
@@ -83,11 +78,7 @@ class KBReader:
             titles = table.column(self.title_column).to_pylist() if self.title_column is not None else None
             texts = passage_texts(table.column(self.text_column).to_pylist(), titles)
         images = table.column(self.image_column).to_pylist() if self.has_images else None
-        if self.kb.ids is not None:
-            ids = self.kb.ids[start:stop]
-        else:
-            ids = [str(row) for row in range(start, stop)]
-        return PassageRange(start, stop, ids, texts, images)
+        return PassageRange(start, stop, self.kb.ids_in(start, stop), texts, images)
 
     def ranges(self, size: int = READ_ROWS, with_texts: bool = True) -> Iterator[PassageRange]:
         for start in range(0, len(self), size):

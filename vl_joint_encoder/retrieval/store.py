@@ -20,14 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.utils import logging
 
-from ..utils.io import atomic_path, read_json
+from ..utils.io import atomic_path, atomic_write, read_json
 
 
 logger = logging.get_logger(__name__)
@@ -38,6 +38,19 @@ MANIFEST = "manifest.json"
 PLAN = "plan.json"
 IDS = "ids.json"
 SHARD_DIR = "shards"
+
+
+def write_ids(path: str | os.PathLike, chunks: Iterable[list[str]]) -> None:
+    """Write the passage ids file atomically from `chunks` of ids (row order), one chunk in memory at a time. The
+    bytes are those of `json.dump(ids, indent=1)` plus a newline (tests compare them)."""
+    with atomic_write(path) as handle:
+        first = True
+        for chunk in chunks:
+            if not chunk:
+                continue
+            handle.write(("[\n " if first else ",\n ") + ",\n ".join(json.dumps(i) for i in chunk))
+            first = False
+        handle.write("[]\n" if first else "\n]\n")
 
 
 def shard_name(index: int) -> str:
@@ -288,5 +301,6 @@ __all__ = [
     "read_shard_metadata",
     "shard_name",
     "tensor_sha256",
+    "write_ids",
     "write_shard",
 ]

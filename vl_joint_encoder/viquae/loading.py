@@ -268,7 +268,7 @@ class ViquaeKnowledgeBase(KnowledgeBase):
     def __init__(self, passages, articles, article_of: np.ndarray, image_refs: Sequence | None,
                  title_mode: str = "keep", title_separator: str = ". ", title_column: str = "wikipedia_title",
                  name: str = "the ViQuAE passages"):  # fmt: skip
-        super().__init__(passages, ColumnMapping(passage_id=None, passage_text="passage", passage_image=None), None, None)
+        super().__init__(passages, ColumnMapping(passage_id=None, passage_text="passage", passage_image=None), None)
         self.articles = articles
         self.article_of = article_of
         self.article_images = image_refs  # one reference per article, or None
