@@ -37,6 +37,7 @@ class ViquaeEvaluateArguments:
 
 
 def evaluate(args: ViquaeEvaluateArguments) -> int:
+    from ..data.tables import column_values
     from ..retrieval.metrics import check_metrics
     from ..retrieval.runs import load_run
     from ..utils.io import write_json
@@ -62,7 +63,8 @@ def evaluate(args: ViquaeEvaluateArguments) -> int:
         bad = [d for results in run.values() for d in results if not d.isdigit() or int(d) >= len(passages)]
         if bad:
             raise ValueError(f"run {path!r} ({system}) has ids that are not passage rows of {args.passages!r}: {bad[:3]}")
-        unknown = [q for q in run if q not in set(table["id"])]
+        known = set(column_values(table, "id"))
+        unknown = [q for q in run if q not in known]
         if len(unknown) == len(run):
             raise ValueError(f"run {path!r} ({system}) answers none of the {args.split} questions")
         runs[system] = run

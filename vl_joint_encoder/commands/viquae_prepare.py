@@ -46,6 +46,7 @@ def prepare(sources: ViquaeSourceArguments, args: PrepareArguments) -> int:
 
     import datasets
 
+    from ..data.tables import column_values
     from ..utils.io import atomic_path, write_json
     from ..viquae.bm25 import BM25Index, run_from_hits
     from ..viquae.loading import load_articles, load_questions, read_viquae_kb
@@ -79,8 +80,8 @@ def prepare(sources: ViquaeSourceArguments, args: PrepareArguments) -> int:
         table = add_relevance(table, kb, name=f"{split} questions", on_missing_article=args.on_missing_article)
         timings["relevance_s"] += time.perf_counter() - start
         start = time.perf_counter()
-        scores, rows = index.search(list(table["input"]), k=args.k, n_threads=args.threads)
-        run = run_from_hits(list(table["id"]), scores, rows)
+        scores, rows = index.search(column_values(table, "input"), k=args.k, n_threads=args.threads)
+        run = run_from_hits(column_values(table, "id"), scores, rows)
         table = add_run_columns(table, run, kb, "BM25", guard="original", negatives_order=args.negatives_order)
         timings["bm25_search_s"] += time.perf_counter() - start
         from ..retrieval.runs import write_run
@@ -90,8 +91,8 @@ def prepare(sources: ViquaeSourceArguments, args: PrepareArguments) -> int:
         prepared[split] = table
         summary["splits"][split] = {
             "questions": len(table),
-            "without_provenance_passage": sum(not r for r in table["provenance_indices"]),
-            "with_BM25_positive": sum(bool(r) for r in table["BM25_provenance_indices"]),
+            "without_provenance_passage": sum(not r for r in column_values(table, "provenance_indices")),
+            "with_BM25_positive": sum(bool(r) for r in column_values(table, "BM25_provenance_indices")),
         }
     with atomic_path(os.path.join(args.output, "questions")) as tmp:
         datasets.DatasetDict(prepared).save_to_disk(tmp)

@@ -40,6 +40,7 @@ class ViquaeSearchArguments:
 def search(sources: ViquaeSourceArguments, inputs: ViquaeInputArguments, args: ViquaeSearchArguments) -> int:
     from accelerate import PartialState
 
+    from ..data.tables import column_values
     from ..retrieval.embed import embed_batches
     from ..retrieval.encode import encode_knowledge_base
     from ..retrieval.runs import to_run, write_run
@@ -70,13 +71,13 @@ def search(sources: ViquaeSourceArguments, inputs: ViquaeInputArguments, args: V
     query_model.to(state.device)
     for split in args.splits:
         queries = viquae.queries(questions[split], split)
-        images = None if args.text_only else list(queries["image"])
+        images = None if args.text_only else column_values(queries, "image")
         embeddings = embed_batches(
-            query_model, processor, list(queries["input"]), images, max_length=args.query_max_length, **common
+            query_model, processor, column_values(queries, "input"), images, max_length=args.query_max_length, **common
         )  # (Q, D)
         scores, positions = search_store(embeddings, store, args.k, device=str(state.device))
         path = os.path.join(args.output, f"{args.system}.{split}.json")
-        write_run(to_run(list(queries["id"]), scores, positions, store.ids), path)
+        write_run(to_run(column_values(queries, "id"), scores, positions, store.ids), path)
         print(f"{args.system}: {len(queries)} {split} questions over {store.count} passages -> {path}")
     return 0
 

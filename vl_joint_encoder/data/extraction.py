@@ -33,6 +33,7 @@ from transformers.utils import logging
 from ..images import DEFAULT_MAX_PIXELS, ImageLoadError, list_image_files, load_image
 from ..utils.io import atomic_path, read_json, write_json
 from .feature_stores import EXTRACTION_MANIFEST
+from .tables import column_values
 
 
 logger = logging.get_logger(__name__)
@@ -216,7 +217,7 @@ def _dataset_items(dataset, image_column: str, id_column: str | None) -> list[tu
         raise ValueError(f"the dataset has no column {image_column!r} (columns: {dataset.column_names})")
     if id_column is not None and id_column not in dataset.column_names:
         raise ValueError(f"the dataset has no id column {id_column!r} (columns: {dataset.column_names})")
-    ids = [str(i) for i in dataset[id_column]] if id_column else [str(i) for i in range(len(dataset))]
+    ids = [str(i) for i in column_values(dataset, id_column)] if id_column else [str(i) for i in range(len(dataset))]
     if len(set(ids)) != len(ids):
         raise ValueError(f"the id column {id_column!r} has duplicate ids: image ids must be unique")
     return [(image_id, (dataset, row, image_column)) for row, image_id in enumerate(ids)]

@@ -377,7 +377,7 @@ def check_ids(values, column: str, name: str, what: str, fix: str):
             strings = pc.cast(values, pa.string())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             strings = pa.chunked_array([pa.nulls(len(values), pa.string())])
-    blank = pc.fill_null(pc.or_(pc.equal(pc.utf8_length(strings), 0), pc.utf8_is_space(strings)), True)
+    blank = pc.fill_null(pc.or_(pc.equal(pc.binary_length(strings), 0), pc.utf8_is_space(strings)), True)
     nulls = np.flatnonzero(blank.to_numpy(zero_copy_only=False))
     if len(nulls):
         problems.append(
@@ -420,7 +420,7 @@ def empty_text_rows(dataset, column: str) -> np.ndarray:
     values = arrow_column(dataset, column)
     if not pa.types.is_string(values.type) and not pa.types.is_large_string(values.type):
         values = pc.cast(values, pa.string())
-    empty = pc.or_kleene(pc.is_null(values), pc.or_(pc.equal(pc.utf8_length(values), 0), pc.utf8_is_space(values)))
+    empty = pc.or_kleene(pc.is_null(values), pc.or_(pc.equal(pc.binary_length(values), 0), pc.utf8_is_space(values)))
     return np.flatnonzero(pc.fill_null(empty, True).to_numpy(zero_copy_only=False))
 
 

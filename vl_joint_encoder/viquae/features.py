@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from transformers.utils import logging
 
+from ..data.tables import arrow_column, column_values
+
 
 logger = logging.get_logger(__name__)
 
@@ -70,7 +72,7 @@ class GlobalVectorStore:
             for column in (key_column, vector_column):
                 if column not in table.column_names:
                     raise ValueError(f"the table has no column {column!r} (it has {table.column_names})")
-            names, matrix = table[key_column], _matrix(table, vector_column)
+            names, matrix = column_values(table, key_column), _matrix(table, vector_column)
             for row, name in enumerate(names):
                 if name is None or matrix[row] is None or len(matrix[row]) == 0:
                     continue  # meerqat stores None for an image it could not read (or a face-masked one)
@@ -104,9 +106,7 @@ def _matrix(table, column: str) -> list:
     """A list with one (C,) float32 array (or None) per row of a list-of-floats column, read through Arrow."""
     import pyarrow as pa
 
-    if table._indices is not None:
-        table = table.flatten_indices()
-    values = table.data.column(column).combine_chunks()
+    values = arrow_column(table, column).combine_chunks()
     if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)
             or pa.types.is_fixed_size_list(values.type)):  # fmt: skip
         raise ValueError(f"column {column!r} holds {values.type}, not vectors (lists of floats)")

@@ -32,11 +32,11 @@ class ViquaeInputs:
         and `{name: source column}` of `id_columns` (passage-row lists, e.g. positives under the mapping's name)."""
         import datasets
 
-        columns = {"id": list(questions["id"]), "input": list(questions["input"])}
+        columns = {"id": column_values(questions, "id"), "input": column_values(questions, "input")}
         images = self.question_images.get(split)
         columns["image"] = images if images is not None else [None] * len(questions)
         for name, source in (id_columns or {}).items():
-            columns[name] = [list(map(int, v)) for v in questions[source]]
+            columns[name] = [list(map(int, v)) for v in column_values(questions, source)]
         features = {"id": datasets.Value("string"), "input": datasets.Value("string"),
                     "image": datasets.Value("string"),
                     **{name: datasets.List(datasets.Value("int64")) for name in (id_columns or {})}}  # fmt: skip
@@ -85,7 +85,8 @@ def build_inputs(
         else:
             store = GlobalVectorStore.from_extracted(vectors_folder)
         article_refs = [_key(store, name) for name in names]
-        question_images = {split: [_key(store, name) for name in table["image"]] for split, table in questions.items()}
+        question_images = {split: [_key(store, name) for name in column_values(table, "image")]
+                           for split, table in questions.items()}  # fmt: skip
         for what, refs in [("articles", article_refs), *question_images.items()]:
             missing = sum(ref is None for ref in refs)
             if missing:
@@ -95,7 +96,8 @@ def build_inputs(
     titles = column_values(articles, "wikipedia_title")
     article_refs = check_images(names, image_root, titles, "articles", on_missing_image)
     question_images = {
-        split: check_images(list(table["image"]), image_root, list(table["id"]), f"{split} questions", on_missing_image)
+        split: check_images(column_values(table, "image"), image_root, column_values(table, "id"),
+                            f"{split} questions", on_missing_image)
         for split, table in questions.items()
     }
     kb = read_viquae_kb(passages, articles, image_refs=article_refs, **common)

@@ -27,7 +27,7 @@ import numpy as np
 from transformers.utils import logging
 
 from ..data.references import resolved_path
-from ..data.tables import ColumnMapping, KnowledgeBase, column_values, empty_text_rows, few
+from ..data.tables import ColumnMapping, KnowledgeBase, arrow_column, column_values, empty_text_rows, few
 
 
 logger = logging.get_logger(__name__)
@@ -289,6 +289,14 @@ class ViquaeKnowledgeBase(KnowledgeBase):
             return None
         return JoinedColumn(self.article_images, self.article_of)
 
+    def count_images(self) -> int:
+        """Passages whose article has an image (a numpy count over the join, no Python object per passage)."""
+        if self.article_images is None:
+            return 0
+        has_image = np.fromiter((image is not None for image in self.article_images), dtype=bool,
+                                count=len(self.article_images))  # fmt: skip
+        return int(np.count_nonzero(has_image[self.article_of]))
+
     def passages(self, rows: Sequence[int]) -> tuple[list[str], list[Any]]:
         rows = [int(r) for r in rows]
         texts = self._model_texts(self.raw_texts(rows), rows)
@@ -373,7 +381,14 @@ def read_viquae_kb(
     articles = load_articles(articles, columns=list(dict.fromkeys(columns)))
     if len(passages) == 0:
         raise ValueError(f"{name} is empty")
-    article_of = np.asarray(passages.with_format("numpy")["index"], dtype=np.int64)
+    if "index" not in passages.column_names:
+        raise ValueError(f"{name} has no `index` column (the article row of each passage); it has "
+                         f"{passages.column_names}: pass the ViQuAE passages ({HUB_PASSAGES!r} layout)")
+    index = arrow_column(passages, "index")  # read through Arrow: a `datasets` Column read row by row costs hours here
+    if index.null_count:
+        raise ValueError(f"{index.null_count} passages of {name} have a null `index` (article row): every passage "
+                         f"needs its article")
+    article_of = np.asarray(index.to_numpy(), dtype=np.int64)
     bad = np.flatnonzero((article_of < 0) | (article_of >= len(articles)))
     if len(bad):
         raise ValueError(
