@@ -5,6 +5,7 @@ real encode against the model's forward-only throughput on the same batches.
     python benchmarks/bench_encode_kb.py kb-path --sizes 12000000 --formats parquet --dim 64 --workdir /big/disk
     python benchmarks/bench_encode_kb.py kb-path --sizes 100000 --images          # one image per article (~8 passages)
     python benchmarks/bench_encode_kb.py model --passages 2048 [--images]         # end to end / forward-only ratio
+    python benchmarks/bench_encode_kb.py first-batch --kb /big/disk/bench-kb-x/kb.parquet   # the command's first batch
 
 KB: passages "Article {a}" (title) + 100 words, 8 passages per article, ids p0..p{n-1}; with --images each article
 has one small JPEG (rows of an article share it). Loaded the way users load it: a JSONL file through `datasets`, a
@@ -161,7 +162,7 @@ def kb_path(args) -> list[dict]:
     rows = []
     for n in args.sizes:
         for fmt in args.formats:
-            folder = tempfile.mkdtemp(prefix="bench-kb-", dir=args.workdir)
+            folder, path = tempfile.mkdtemp(prefix="bench-kb-", dir=args.workdir), None
             os.environ["HF_DATASETS_CACHE"] = os.path.join(folder, "datasets-cache")  # a cold first load
             try:
                 t0 = time.perf_counter()
@@ -211,7 +212,12 @@ def kb_path(args) -> list[dict]:
                 rows.append(row)
                 del kb, table
             finally:
-                shutil.rmtree(folder, ignore_errors=True)
+                if args.keep and path is not None:
+                    shutil.rmtree(os.path.join(folder, "out"), ignore_errors=True)
+                    shutil.rmtree(os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
+                    print(f"kept the KB: {path}", flush=True)
+                else:
+                    shutil.rmtree(folder, ignore_errors=True)
     return rows
 
 
@@ -267,6 +273,63 @@ def model_ratio(args) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def first_batch(args) -> list[dict]:
+    """
+    The user's wait: `vl-joint-encoder encode` run as a new process (interpreter start, imports, model load, KB load
+    and validation included) on an existing KB file (`--kb`, e.g. one written by `kb-path --keep`), timed from the
+    process start to the first progress update of the encode bar with at least one passage encoded; then killed.
+    Run twice: a cold `datasets` cache (JSONL / Parquet converted to Arrow first), then the cache of the first run.
+    The model is a small random JointEncoderModel (d_model 256, 4 layers) saved with a trained tokenizer.
+    """
+    import re
+    import subprocess
+    import sys
+
+    from vl_joint_encoder import JointEncoderConfig, JointEncoderModel
+
+    folder = tempfile.mkdtemp(prefix="bench-first-batch-", dir=args.workdir)
+    try:
+        tokenizer = _tokenizer()
+        config = JointEncoderConfig(vocab_size=len(tokenizer), d_model=256, d_kv=32, d_ff=1024, num_layers=4,
+                                    num_heads=8, feat_dim=64)  # fmt: skip
+        torch.manual_seed(0)
+        model_dir = os.path.join(folder, "model")
+        JointEncoderModel(config).save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        env = {**os.environ, "HF_DATASETS_CACHE": os.path.join(folder, "datasets-cache"), "HF_HUB_OFFLINE": "1",
+               "TQDM_MININTERVAL": "0"}  # fmt: skip
+        done = re.compile(r"encode \(rank 0\):[^|]*\|[^|]*\| *([1-9][0-9]*)/")
+        rows = []
+        for attempt in ("cold datasets cache", "warm datasets cache"):
+            command = [sys.executable, "-m", "vl_joint_encoder", "encode", "--model", model_dir, "--kb", args.kb,
+                       "--output_dir", os.path.join(folder, f"out-{len(rows)}"), "--cpu"]  # fmt: skip
+            start = time.perf_counter()
+            process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+            seen, marks, first = "", {}, None
+            while first is None:
+                chunk = process.stderr.read1(65536).decode(errors="replace") if process.stderr else ""
+                if not chunk:
+                    break
+                seen = (seen + chunk)[-20000:]
+                now = time.perf_counter() - start
+                for label, pattern in (("load_bar", "Generating train split"), ("encode_bar", "encode (rank 0)")):
+                    if label not in marks and pattern in seen:
+                        marks[label] = round(now, 1)
+                if done.search(seen):
+                    first = now
+            process.kill()
+            process.wait()
+            if first is None:
+                raise RuntimeError(f"encode ended before its first batch:\n{seen[-3000:]}")
+            row = {"kb": args.kb, "attempt": attempt, "first_batch_s": round(first, 1),
+                   **{f"{label}_shown_s": value for label, value in marks.items()}}  # fmt: skip
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        return rows
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -284,14 +347,17 @@ def main() -> None:
     model.add_argument("--batch_size", type=int, default=64)
     model.add_argument("--shard_size", type=int, default=1024)
     model.add_argument("--repeats", type=int, default=2)
-    for p in (kb, model):
+    kb.add_argument("--keep", action="store_true", help="keep the KB file written (path printed), for first-batch")
+    first = sub.add_parser("first-batch", help="the encode command, from process start to its first batch")
+    first.add_argument("--kb", required=True, help="a KB file or save_to_disk folder (e.g. written by kb-path --keep)")
+    for p in (kb, model, first):
         p.add_argument("--workdir", default=None, help="where the synthetic KB is written (default: the temp dir)")
         p.add_argument("--threads", type=int, default=None)
         p.add_argument("--output", help="write the results as JSON")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = kb_path(args) if args.mode == "kb-path" else model_ratio(args)
+    result = {"kb-path": kb_path, "model": model_ratio, "first-batch": first_batch}[args.mode](args)
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"results": result, "args": vars(args)}, f, indent=2)

@@ -89,12 +89,11 @@ class JointEncoderInputBuilder:
                 )
             )
         # the processor's text encoding (task prefix, pad masking); a bare tokenizer gets the pad masking only
-        text_kwargs = dict(return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
+        text_kwargs = dict(padding=True, truncation=True, max_length=self.max_length)
         if hasattr(self.processing_class, "encode_text"):
-            encoded = self.processing_class.encode_text(texts, **text_kwargs)
+            encoded = self.processing_class.encode_text(texts, return_tensors="pt", **text_kwargs)
         else:
-            encoded = BatchFeature(text_inputs(self.tokenizer, texts, **{**text_kwargs, "return_tensors": None}),
-                                   tensor_type="pt")
+            encoded = BatchFeature(text_inputs(self.tokenizer, texts, as_arrays=True, **text_kwargs), tensor_type="pt")
         inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         if kinds == {"features"}:
             features = [item[1] if item is not None else None for item in resolved]
