@@ -162,7 +162,7 @@ def encode_knowledge_base(
     is_main = rank == 0
     output_dir = os.fspath(output_dir)
     check_output_dir(output_dir)
-    kb = read_knowledge_base(kb, kb_columns(id_column, text_column, image_column))
+    kb = read_knowledge_base(kb, kb_columns(id_column, text_column, image_column), progress=progress and is_main)
     reader = KBReader(kb)
     store = open_feature_store(feature_store)
     store_path = getattr(store, "path", None)
