@@ -166,7 +166,7 @@ def encode_knowledge_base(
     reader = KBReader(kb)
     store = open_feature_store(feature_store)
     store_path = getattr(store, "path", None)
-    n_store_keys = _check_images(reader, store, image_root, require_feature_store_match, progress and is_main)
+    n_store_keys = check_kb_images(reader, store, image_root, require_feature_store_match, progress and is_main)
     cached_store = ShardFeatureCache(store) if store is not None and reader.has_images else None
     model_hash = model_fingerprint(model)
     plan = {
@@ -294,7 +294,9 @@ def _cell_path(image: Any) -> tuple | None:
     return None
 
 
-def _check_images(reader: KBReader, store: Any, image_root: str | None, require_match: bool, progress: bool) -> int:
+def check_kb_images(
+    reader: KBReader, store: Any, image_root: str | None, require_match: bool = False, progress: bool = False
+) -> int:
     """
     One streamed pass over the image column (no pass when the KB has none): references that resolve to neither a
     store key nor a file are refused before anything is written; a feature store that no cell references is an error
@@ -524,4 +526,4 @@ def check_knowledge_base(
         raise ValueError(f"the feature store's features of the KB's keys differ from those encoded in {output_dir}")
 
 
-__all__ = ["check_knowledge_base", "encode_knowledge_base", "kb_columns", "kb_fingerprints"]
+__all__ = ["check_kb_images", "check_knowledge_base", "encode_knowledge_base", "kb_columns", "kb_fingerprints"]

@@ -19,7 +19,8 @@ from ..data.feature_stores import open_feature_store
 from ..data.references import check_image_references
 from ..data.tables import ColumnMapping, qrels_from_queries, read_knowledge_base, read_queries
 from .embed import embed_batches
-from .encode import encode_knowledge_base
+from .encode import check_kb_images, encode_knowledge_base
+from .kb_reader import KBReader
 from .metrics import check_metrics, evaluate, metric_cutoff
 from .runs import to_run
 from .search import search_store
@@ -94,7 +95,7 @@ class RetrievalEvaluator:
         check_image_references(
             self.queries.ids, self.queries.images, self.feature_store, image_root, "queries", require_all=True
         )
-        check_image_references(self.kb.passage_ids(), self.kb.images(), self.feature_store, image_root, "KB passages")
+        check_kb_images(KBReader(self.kb), self.feature_store, image_root)  # streamed, by Arrow slices
         self.qrels = dict(qrels) if qrels is not None else qrels_from_queries(self.queries, self.kb)
         missing = [q for q in self.queries.ids if q not in self.qrels]
         if missing:
