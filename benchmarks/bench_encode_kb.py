@@ -31,10 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -121,43 +119,10 @@ class StubTokenizer:
         return object()
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def anon_mb() -> float:
-    """Anonymous resident memory of this process (MB): heap, Arrow and numpy buffers; not mapped file pages."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-class AnonPeak:
-    """Peak anonymous memory during a `with` block, above the level at its start (sampled every 10 ms)."""
-
-    def __enter__(self):
-        self.base = self.peak = anon_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, anon_mb())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, anon_mb())
-        self.above_start_mb = round(self.peak - self.base)
-
-
 def kb_path(args) -> list[dict]:
     from vl_joint_encoder.data.tables import load_table, read_knowledge_base
     from vl_joint_encoder.retrieval.encode import encode_knowledge_base, kb_columns
+    from vl_joint_encoder.utils.memory import AnonymousMemoryPeak, anonymous_memory_mib, peak_rss_mib
 
     rows = []
     for n in args.sizes:
@@ -172,7 +137,7 @@ def kb_path(args) -> list[dict]:
 
                 datasets.config.HF_DATASETS_CACHE = os.environ["HF_DATASETS_CACHE"]
                 start = time.perf_counter()
-                with AnonPeak() as load_memory:  # what encode does first (data.tables)
+                with AnonymousMemoryPeak() as load_memory:  # what encode does first (data.tables)
                     table = load_table(path, "the KB")
                 t_load = time.perf_counter() - start
                 t_reload = None
@@ -182,13 +147,13 @@ def kb_path(args) -> list[dict]:
                     table = load_table(path, "the KB")
                     t_reload = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                with AnonPeak() as validate_memory:
+                with AnonymousMemoryPeak() as validate_memory:
                     kb = read_knowledge_base(table, kb_columns())
                 t_validate = time.perf_counter() - t0
                 processor = StubTokenizer() if not args.real_tokenizer else _tokenizer()
                 model = StubModel(args.dim)
                 t0 = time.perf_counter()
-                with AnonPeak() as encode_memory:
+                with AnonymousMemoryPeak() as encode_memory:
                     encode_knowledge_base(model, processor, kb, os.path.join(folder, "out"), batch_size=64,
                                           shard_size=10_000, max_length=256, progress=args.progress,
                                           image_root=folder if args.images else None,
@@ -205,9 +170,10 @@ def kb_path(args) -> list[dict]:
                        "first_batch_after_cached_load_s": None if t_reload is None
                        else round(t_reload + t_validate + model.first_call - t0, 1),
                        "total_s": round(t_load + t_validate + t_encode, 1), "write_kb_s": round(t_write, 1),
-                       "anon_MB_load": load_memory.above_start_mb, "anon_MB_validate": validate_memory.above_start_mb,
-                       "anon_MB_encode": encode_memory.above_start_mb, "anon_MB_after": round(anon_mb()),
-                       "peak_rss_MB": round(peak_rss_mb())}  # fmt: skip
+                       "anon_MB_load": round(load_memory.growth_mib),
+                       "anon_MB_validate": round(validate_memory.growth_mib),
+                       "anon_MB_encode": round(encode_memory.growth_mib), "anon_MB_after": round(anonymous_memory_mib()),
+                       "peak_rss_MB": round(peak_rss_mib())}  # fmt: skip
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 del kb, table

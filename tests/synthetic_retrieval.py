@@ -45,3 +45,34 @@ def make_task(n_entities: int = 8, feat_dim: int = 16, n_visual: int = 4, seed: 
 
 def all_texts(queries, kb):
     return [q["question"] for q in queries] + [p["text"] for p in kb]
+
+
+def positive_mrr(query_embeddings: np.ndarray, passage_embeddings: np.ndarray, queries, kb) -> float:
+    """MRR of each query's first positive over the whole KB: exhaustive cosine scoring in numpy (independent of the
+    loss and search code); ties count against the positive."""
+    q = query_embeddings / np.linalg.norm(query_embeddings, axis=1, keepdims=True)
+    p = passage_embeddings / np.linalg.norm(passage_embeddings, axis=1, keepdims=True)
+    scores = q @ p.T
+    ids = [x["id"] for x in kb]
+    ranks = [int((scores[i] >= scores[i, ids.index(x["positive_ids"][0])]).sum()) for i, x in enumerate(queries)]
+    return float(np.mean([1.0 / r for r in ranks]))
+
+
+def write_training_folder(root, model, tokenizer, queries, kb, store, kb_file: str = "kb.parquet"):
+    """What the `train` command reads, in `root`: `model/` (weights and tokenizer), `queries.jsonl`, the KB as
+    `kb_file` (.parquet or .jsonl) and `features.npz` (the feature store). Returns `root`."""
+    import json
+
+    import datasets
+
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    with open(root / "queries.jsonl", "w") as handle:
+        handle.writelines(json.dumps(query) + "\n" for query in queries)
+    if kb_file.endswith(".parquet"):
+        datasets.Dataset.from_list(kb).to_parquet(str(root / kb_file))
+    else:
+        with open(root / kb_file, "w") as handle:
+            handle.writelines(json.dumps(passage) + "\n" for passage in kb)
+    np.savez(root / "features.npz", **store)
+    return root

@@ -187,16 +187,15 @@ def test_two_process_accelerate_launch_equals_one_process(saved_model, tmp_path)
         assert torch.equal(one[name]["positions"], two[name]["positions"]), name
 
 
-@torch.no_grad()
-def test_passages_with_images_through_the_processor(saved_model, tmp_path):
-    """Image passages (real photos, as files) go through JointEncoderProcessor and the frozen vision tower."""
+def tower_model_and_photos(tokenizer, folder, names=("astronaut", "coffee", "chelsea")):
+    """A tiny random model with a frozen CLIP tower, its processor, and real photos (scikit-image) saved as PNG files
+    in `folder`: (model, processor, paths)."""
     from PIL import Image
     from skimage import data as skdata
 
     from vl_joint_encoder import JointEncoderProcessor
     from vl_joint_encoder.vision import tiny_clip_vision_config
 
-    _, _, tokenizer = saved_model
     vision_config = tiny_clip_vision_config()
     torch.manual_seed(0)
     config = JointEncoderConfig(
@@ -206,9 +205,19 @@ def test_passages_with_images_through_the_processor(saved_model, tmp_path):
     model = randomize_(JointEncoderModel(config)).eval()
     processor = JointEncoderProcessor.from_model_config(config, tokenizer)
     paths = []
-    for name in ("astronaut", "coffee", "chelsea"):
-        paths.append(str(tmp_path / f"{name}.png"))
+    for name in names:
+        paths.append(str(folder / f"{name}.png"))
         Image.fromarray(getattr(skdata, name)()).save(paths[-1])
+    return model, processor, paths
+
+
+@torch.no_grad()
+def test_passages_with_images_through_the_processor(saved_model, tmp_path):
+    """Image passages (real photos, as files) go through JointEncoderProcessor and the frozen vision tower."""
+    from PIL import Image
+
+    _, _, tokenizer = saved_model
+    model, processor, paths = tower_model_and_photos(tokenizer, tmp_path)
     kb = [{"id": f"p{i}", "text": r["text"], "image": paths[i % 3]} for i, r in enumerate(make_kb(7))]
     encode.encode_knowledge_base(model, processor, kb, tmp_path / "out", batch_size=4, shard_size=5, progress=False)
     embeddings, _ = EmbeddingStore(tmp_path / "out").load_all()
@@ -223,23 +232,8 @@ def test_passages_with_images_through_the_processor(saved_model, tmp_path):
 def test_image_cache_gives_the_same_bits_as_decoding_every_passage(saved_model, tmp_path):
     """Passages sharing an image file (an article's image): decoded once per shard or once per passage, the shards are
     bit-identical."""
-    from PIL import Image
-    from skimage import data as skdata
-
-    from vl_joint_encoder import JointEncoderProcessor
-    from vl_joint_encoder.vision import tiny_clip_vision_config
-
     _, _, tokenizer = saved_model
-    vision_config = tiny_clip_vision_config()
-    torch.manual_seed(0)
-    config = JointEncoderConfig(
-        **tiny_config_kwargs(vocab_size=len(tokenizer), feat_dim=vision_config.hidden_size),
-        vision_config=vision_config,
-    )
-    model = randomize_(JointEncoderModel(config)).eval()
-    processor = JointEncoderProcessor.from_model_config(config, tokenizer)
-    for name in ("astronaut", "coffee", "chelsea"):
-        Image.fromarray(getattr(skdata, name)()).save(tmp_path / f"{name}.png")
+    model, processor, _ = tower_model_and_photos(tokenizer, tmp_path)
     names = ["astronaut", "coffee", "chelsea"]
     kb = [{"id": f"p{i}", "text": r["text"], "image": f"{names[i // 4 % 3]}.png"} for i, r in enumerate(make_kb(16))]
     for cache, out in ((True, "cached"), (False, "uncached")):

@@ -15,6 +15,7 @@ from vl_joint_encoder.data.tables import DataError, KnowledgeBase, check_ids, is
 from vl_joint_encoder.retrieval.encode import encode_knowledge_base, kb_columns
 from vl_joint_encoder.retrieval.store import EmbeddingStore, write_ids
 from vl_joint_encoder.utils.io import write_json
+from vl_joint_encoder.utils.memory import AnonymousMemoryPeak, anonymous_memory_mib
 
 
 WORDS = "the a of tower bridge river castle painter born city museum song king queen war".split()
@@ -57,49 +58,21 @@ class StubTokenizer:
         return self.encode_text(text)
 
 
-def anon_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    pytest.skip("no /proc/self/status RssAnon on this system")
-
-
-class AnonPeak:
-    """Peak anonymous resident memory during a `with` block above its start (sampled every 5 ms)."""
-
-    def __enter__(self):
-        import threading
-
-        self.base = self.peak = anon_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, anon_mb())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.growth = max(self.peak, anon_mb()) - self.base
-
-
 def kb_path(n: int, tmp_path) -> dict:
     """Seconds per passage of validating + encoding an n-passage KB, and anonymous memory (MB): the peak while
     validating, what validation keeps (the KB object), the peak while encoding, each above its start."""
     table = arrow_kb(n)
+    if anonymous_memory_mib() is None:
+        pytest.skip("no /proc/self/status RssAnon on this system")
     t0 = time.perf_counter()
-    with AnonPeak() as validating:
+    with AnonymousMemoryPeak(interval=0.005) as validating:
         kb = read_knowledge_base(table, kb_columns())
-    kept = anon_mb() - validating.base
-    with AnonPeak() as encoding:
+    kept = anonymous_memory_mib() - validating.start_mib
+    with AnonymousMemoryPeak(interval=0.005) as encoding:
         encode_knowledge_base(StubModel(), StubTokenizer(), kb, tmp_path / f"out{n}", batch_size=256,
                               shard_size=10_000, progress=False)  # fmt: skip
-    return {"s_per_passage": (time.perf_counter() - t0) / n, "validate_peak": validating.growth, "kept": kept,
-            "encode_peak": encoding.growth}  # fmt: skip
+    return {"s_per_passage": (time.perf_counter() - t0) / n, "validate_peak": validating.growth_mib, "kept": kept,
+            "encode_peak": encoding.growth_mib}  # fmt: skip
 
 
 def test_a_million_passages_cost_per_passage_as_100k_and_hold_no_object_per_passage(tmp_path):

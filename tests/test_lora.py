@@ -4,13 +4,11 @@ GradCache and a 2-process `accelerate launch` give the same training as one proc
 
 import json
 
-import datasets
-import numpy as np
 import pytest
 import torch
 from conftest import tiny_config_kwargs
 from safetensors.torch import load_file
-from synthetic_retrieval import all_texts, make_task
+from synthetic_retrieval import all_texts, make_task, positive_mrr, write_training_folder
 
 
 peft = pytest.importorskip("peft")
@@ -51,12 +49,7 @@ def mrr(model, tokenizer):
     with torch.no_grad():
         q = model(**inputs([x["question"] for x in QUERIES], [x["image"] for x in QUERIES])).pooler_output.numpy()
         p = model(**inputs([x["text"] for x in KB], [x["image"] for x in KB])).pooler_output.numpy()
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    p /= np.linalg.norm(p, axis=1, keepdims=True)
-    scores = q @ p.T
-    ids = [x["id"] for x in KB]
-    ranks = [int((scores[i] >= scores[i, ids.index(x["positive_ids"][0])]).sum()) for i, x in enumerate(QUERIES)]
-    return float(np.mean([1.0 / r for r in ranks]))
+    return positive_mrr(q, p, QUERIES, KB)
 
 
 def batch(tokenizer, rows=KB[:6]):
@@ -165,14 +158,7 @@ def test_wrapping_errors_name_the_fix(tokenizer):
 
 @pytest.fixture(scope="module")
 def workdir(tokenizer, tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora-cli")
-    new_model(tokenizer).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    with open(root / "queries.jsonl", "w") as f:
-        f.writelines(json.dumps(q) + "\n" for q in QUERIES)
-    datasets.Dataset.from_list(KB).to_parquet(str(root / "kb.parquet"))
-    np.savez(root / "features.npz", **STORE)
-    return root
+    return write_training_folder(tmp_path_factory.mktemp("lora-cli"), new_model(tokenizer), tokenizer, QUERIES, KB, STORE)
 
 
 def cli_config(workdir, out, **overrides):

@@ -12,7 +12,7 @@ import torch
 from conftest import randomize_, tiny_config_kwargs
 from PIL import Image
 from skimage import data as photos
-from synthetic_retrieval import all_texts, make_task
+from synthetic_retrieval import all_texts, make_task, positive_mrr
 
 
 sentence_transformers = pytest.importorskip("sentence_transformers")
@@ -225,12 +225,7 @@ def brute_force_mrr(st, queries, kb):
     """MRR of the positive over the whole KB, exhaustive numpy scoring (independent of the loss code)."""
     q = st.encode_query([{"text": x["question"], "image": STORE[x["image"]]} for x in queries], convert_to_numpy=True)
     p = st.encode_document([{"text": x["text"], "image": STORE[x["image"]]} for x in kb], convert_to_numpy=True)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    p /= np.linalg.norm(p, axis=1, keepdims=True)
-    scores = q @ p.T
-    ids = [x["id"] for x in kb]
-    ranks = [int((scores[i] >= scores[i, ids.index(x["positive_ids"][0])]).sum()) for i, x in enumerate(queries)]
-    return float(np.mean([1.0 / r for r in ranks]))
+    return positive_mrr(q, p, queries, kb)
 
 
 def st_training(tokenizer, tmp_path, loss_name: str, **overrides):

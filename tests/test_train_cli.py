@@ -4,12 +4,11 @@ import subprocess
 import sys
 
 import datasets
-import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import tiny_config_kwargs
-from synthetic_retrieval import all_texts, make_task
+from synthetic_retrieval import all_texts, make_task, write_training_folder
 from transformers import AutoModel
 
 from vl_joint_encoder import JointEncoderConfig, JointEncoderModel
@@ -20,20 +19,13 @@ from vl_joint_encoder.tokenization_joint_encoder import train_vl_t5_tokenizer
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A saved tiny model + tokenizer, queries/KB as JSONL and Parquet, features as .npz."""
-    import datasets
 
     root = tmp_path_factory.mktemp("cli")
     queries, kb, store = make_task(n_entities=4)
     tokenizer = train_vl_t5_tokenizer(all_texts(queries, kb), vocab_size=80)
     torch.manual_seed(0)
     model = JointEncoderModel(JointEncoderConfig(**tiny_config_kwargs(vocab_size=len(tokenizer))))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    with open(root / "queries.jsonl", "w") as f:
-        f.writelines(json.dumps(q) + "\n" for q in queries)
-    datasets.Dataset.from_list(kb).to_parquet(str(root / "kb.parquet"))
-    np.savez(root / "features.npz", **store)
-    return root
+    return write_training_folder(root, model, tokenizer, queries, kb, store)
 
 
 def config(workdir, out, **overrides):

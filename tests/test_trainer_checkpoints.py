@@ -12,12 +12,11 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from conftest import tiny_config_kwargs
 from safetensors.torch import load_file
-from synthetic_retrieval import all_texts, make_task
+from synthetic_retrieval import all_texts, make_task, write_training_folder
 
 from vl_joint_encoder import JointEncoderConfig, JointEncoderModel
 from vl_joint_encoder.commands.train import main
@@ -37,14 +36,7 @@ def workdir(tmp_path_factory):
     tokenizer = train_vl_t5_tokenizer(all_texts(queries, kb), vocab_size=80)
     torch.manual_seed(0)
     model = JointEncoderModel(JointEncoderConfig(**tiny_config_kwargs(vocab_size=len(tokenizer), dropout_rate=0.1)))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    with open(root / "queries.jsonl", "w") as handle:
-        handle.writelines(json.dumps(query) + "\n" for query in queries)
-    with open(root / "kb.jsonl", "w") as handle:
-        handle.writelines(json.dumps(passage) + "\n" for passage in kb)
-    np.savez(root / "features.npz", **store)
-    return root
+    return write_training_folder(root, model, tokenizer, queries, kb, store, kb_file="kb.jsonl")
 
 
 def config(workdir, out, **overrides):

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..data.feature_stores import FeatureStore, feature_store_fingerprint
 from ..data.references import is_image_cell, reference_key, resolved_path
-from ..data.tables import KnowledgeBase, arrow_column, passage_texts
+from ..data.tables import KnowledgeBase, passage_texts
 
 
 # rows converted to Python at once by the full passes (image check): bounded memory, large enough for Arrow
@@ -53,18 +53,12 @@ class KBReader:
         # a KnowledgeBase subclass with its own passages (ViQuAE: article images joined, title modes) is read
         # through them, range by range
         self.custom = type(kb).passages is not KnowledgeBase.passages
-        if self.custom:
-            self.has_images = self.image_column is not None and kb.images() is not None
-            return
-        self.arrow = kb.table.with_format("arrow")  # [start:stop] -> pyarrow.Table slice (zero copy)
-        self.has_images = self.image_column is not None and not self._all_null(self.image_column)
+        self.has_images = kb.count_images() > 0  # an image column of null cells only is no image column
+        if not self.custom:
+            self.arrow = kb.table.with_format("arrow")  # [start:stop] -> pyarrow.Table slice (zero copy)
 
     def __len__(self) -> int:
         return len(self.kb)
-
-    def _all_null(self, column: str) -> bool:
-        values = arrow_column(self.kb.table, column)
-        return values.null_count == len(values)
 
     def read(self, start: int, stop: int, with_texts: bool = True) -> PassageRange:
         stop = min(stop, len(self))

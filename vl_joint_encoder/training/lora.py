@@ -16,13 +16,13 @@ option: `--train_only adapters` trains them (and the visual embedding and norms)
 from __future__ import annotations
 
 import os
-import resource
-import sys
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
+
+from ..utils.memory import peak_rss_mib
 
 
 logger = logging.get_logger(__name__)
@@ -160,8 +160,7 @@ def peak_memory_mib(device: torch.device | None = None) -> dict[str, float]:
     peaks = {}
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         peaks["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    peaks["cpu_peak_rss_mib"] = rss / (2**20 if sys.platform == "darwin" else 2**10)
+    peaks["cpu_peak_rss_mib"] = peak_rss_mib()
     return peaks
 
 
