@@ -103,8 +103,8 @@ def test_ids_stay_in_arrow_and_are_looked_up_at_once():
 
 def test_integer_ids_are_row_positions_only_when_they_are_0_to_n_minus_1():
     positions = read_knowledge_base(arrow_kb(2_500, ids="rows"))
-    assert positions.ids is None and positions.rows_of([0, "2499", 2500, -1, None, "x", True]).tolist() == [
-        0, 2499, -1, -1, -1, -1, -1,
+    assert positions.ids is None and positions.rows_of([0, "2499", 2500, -1, None, "x", True, 1.9, "1.0"]).tolist() == [
+        0, 2499, -1, -1, -1, -1, -1, -1, -1,
     ]  # fmt: skip
     assert positions.ids_in(2498, 2600) == ["2498", "2499"]
     shuffled = read_knowledge_base([{"id": 5, "text": "a"}, {"id": 3, "text": "b"}])

@@ -487,15 +487,17 @@ class KnowledgeBase:
         """
         The KB row of each id in `values` (int64; -1 for an id not in the KB; a null id is in no KB). Ids compare as
         strings (`5` finds the passage whose id is "5"); a KB identified by row positions takes the integers
-        0..len-1 (or their strings).
+        0..len-1 or their decimal strings, nothing else (a float 1.9 is no row, not row 1).
         """
         values = list(values)
         rows = np.full(len(values), -1, dtype=np.int64)
         if self.ids is None:
             for i, value in enumerate(values):
-                try:
-                    row = int(value) if value is not None and not isinstance(value, bool) else -1
-                except (TypeError, ValueError):
+                if isinstance(value, str) and value.strip().isdigit():
+                    row = int(value)
+                elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+                    row = int(value)
+                else:
                     continue
                 rows[i] = row if 0 <= row < len(self) else -1
             return rows
